@@ -1,0 +1,118 @@
+"""Load a finished stage for inference, and generate from it.
+
+``load("runs/quickstart/dpo")`` returns ``(model, tokenizer)``: the stage's base model with its adapter
+applied, and the tokenizer saved with the stage (chat template included). The same directory also loads
+with stock ``peft.AutoPeftModelForCausalLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from threading import Thread
+from typing import Any
+
+import torch
+
+from pipeline.artifacts import read_manifest
+from pipeline.config import MODEL_DEFAULTS
+from pipeline.data.formats import neutralise_control_tokens
+from pipeline.errors import PipelineError
+from pipeline.models import configure_generation, control_tokens, load_base_model
+
+
+def _model_cfg(stage_dir: Path, manifest: dict[str, Any], dtype: str | None, device: str | None) -> dict[str, Any]:
+    cfg = dict(MODEL_DEFAULTS)
+    cfg.update(manifest.get("config", {}).get("model", {}))
+    cfg["load_in_4bit"] = False if device == "cpu" else cfg.get("load_in_4bit", False)
+    if dtype:
+        cfg["dtype"] = dtype
+    if device:
+        cfg["device"] = device
+    return cfg
+
+
+def load(stage_dir: str | Path, *, merge: bool = False, dtype: str | None = None,
+         device: str | None = None) -> tuple[Any, Any]:
+    """Load a completed ``sft`` or ``dpo`` stage as ``(model, tokenizer)``, ready for ``generate``.
+
+    ``merge=True`` folds the adapter into the weights (faster generation; the result is no PeftModel).
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    stage_dir = Path(stage_dir)
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        raise PipelineError(f"{stage_dir} is not a completed stage (no manifest.json). Run the recipe first.")
+    if not (stage_dir / "adapter_config.json").is_file():
+        raise PipelineError(f"{stage_dir} holds no adapter: load() takes an 'sft' or 'dpo' stage directory.")
+    adapter_cfg = json.loads((stage_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    base = manifest.get("base_model") or adapter_cfg["base_model_name_or_path"]
+    if manifest.get("start") == "merge":  # the merged SFT weights live beside the adapter
+        base = str(stage_dir / "sft_merged")
+    cfg = _model_cfg(stage_dir, manifest, dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(stage_dir)
+    model = load_base_model(cfg, path=base)
+    model = PeftModel.from_pretrained(model, str(stage_dir))
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    configure_generation(model, tokenizer)
+    return model, tokenizer
+
+
+def chat_inputs(tokenizer: Any, messages: list[dict[str, str]], device: Any) -> dict[str, torch.Tensor]:
+    """Tokenise a conversation for generation; control tokens typed as text stay plain text."""
+    controls = control_tokens(tokenizer)
+    safe = [{**m, "content": neutralise_control_tokens(m["content"], controls)} for m in messages]
+    encoded = tokenizer.apply_chat_template(safe, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    return {k: v.to(device) for k, v in encoded.items()}
+
+
+@torch.inference_mode()
+def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
+             max_new_tokens: int = 256, batch_size: int = 16) -> list[dict[str, Any]]:
+    """Greedy answers for many conversations, batched with left padding.
+
+    Each result holds the ``text`` and whether the model ``stopped`` on its own (end-of-turn/EOS)
+    before ``max_new_tokens``.
+    """
+    controls = control_tokens(tokenizer)
+    stops = set(model.generation_config.eos_token_id or [])
+    tokenizer.padding_side = "left"
+    results = []
+    for start in range(0, len(conversations), batch_size):
+        batch = conversations[start:start + batch_size]
+        texts = [
+            tokenizer.apply_chat_template(
+                [{**m, "content": neutralise_control_tokens(m["content"], controls)} for m in conv],
+                add_generation_prompt=True, tokenize=False,
+            )
+            for conv in batch
+        ]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            stop_at = next((i for i, t in enumerate(row) if t in stops), None)
+            answer = row[:stop_at] if stop_at is not None else row
+            results.append({
+                "text": tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                "stopped": stop_at is not None,
+                "new_tokens": len(answer),
+            })
+    return results
+
+
+def stream(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int = 512) -> Iterator[str]:
+    """Yield the answer to a conversation piece by piece as it is generated."""
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    inputs = chat_inputs(tokenizer, messages, model.device)
+    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+    thread = Thread(target=model.generate, kwargs=kwargs, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()

@@ -1,0 +1,180 @@
+"""The one orchestrator: which stages run, skip or resume, and in what order.
+
+Rules (README "Stages and resuming"):
+- a stage whose manifest exists with an unchanged fingerprint is skipped;
+- a changed fingerprint (its settings, data or an upstream changed) re-runs it, and since each
+  fingerprint includes its upstreams', everything after it re-runs too;
+- a stage directory without a manifest but with Trainer checkpoints from the same fingerprint resumes;
+- ``--stage S`` runs only S, ``--from S`` re-runs S and everything after it, ``--force`` re-runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import (
+    IN_PROGRESS,
+    atomic_write_json,
+    file_sha256,
+    fingerprint,
+    invalidate,
+    read_manifest,
+    run_lock,
+    write_manifest,
+)
+from pipeline.config import STAGES, Recipe
+from pipeline.errors import PipelineError
+from pipeline.stages.context import StageContext
+from pipeline.stages.training import clear_checkpoints
+
+UPSTREAM = {"prepare": (), "sft": ("prepare",), "dpo": ("prepare", "sft"), "eval": ("prepare", "sft", "dpo")}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def _content_hash(path: str) -> str:
+    """Hash of a local data file, or the hub id itself for remote datasets."""
+    local = Path(path)
+    return file_sha256(local) if local.is_file() else f"remote:{path}"
+
+
+def _tokenizer_hash(model_cfg: dict[str, Any]) -> str:
+    """What the prepared data depends on from the tokenizer: its files and the chat template choice."""
+    from pipeline.models import resolve_model_path
+
+    resolved = Path(resolve_model_path(model_cfg["name_or_path"]))
+    files = {name: file_sha256(resolved / name) for name in _TOKENIZER_FILES if (resolved / name).is_file()}
+    template = model_cfg["chat_template"]
+    if Path(template).is_file():
+        template = Path(template).read_text(encoding="utf-8")
+    return fingerprint(str(resolved) if not files else "", files, model_cfg["revision"], template)
+
+
+def stage_config(recipe: Recipe, stage: str) -> dict[str, Any]:
+    """The part of the recipe (plus data content hashes) that determines a stage's output."""
+    if stage == "prepare":
+        data = recipe.data
+        return {
+            "data": data,
+            "data_hashes": {s["path"]: _content_hash(s["path"]) for s in data["sft"] + data["dpo"]},
+            "tokenizer": _tokenizer_hash(recipe.model),
+            "sft_max_length": (recipe.sft or {}).get("max_length"),
+            "dpo_max_length": (recipe.dpo or {}).get("max_length"),
+        }
+    if stage == "sft":
+        return {"model": recipe.model, "lora": recipe.lora, "sft": recipe.sft}
+    if stage == "dpo":
+        return {"model": recipe.model, "lora": recipe.lora, "dpo": recipe.dpo}
+    if stage == "eval":
+        prompts = (recipe.eval or {}).get("prompts")
+        return {"model": recipe.model, "eval": recipe.eval, "prompts_hash": _content_hash(prompts) if prompts else None}
+    raise ValueError(stage)
+
+
+@dataclasses.dataclass
+class StageOutcome:
+    stage: str
+    action: str  # "ran", "resumed", "skipped"
+    fingerprint: str
+    wall_time_s: float = 0.0
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _stage_runner(stage: str) -> Callable[[StageContext], dict[str, Any]]:
+    module = {"prepare": "prepare", "sft": "sft", "dpo": "dpo", "eval": "evaluate"}[stage]
+    return importlib.import_module(f"pipeline.stages.{module}").run
+
+
+def select_stages(recipe: Recipe, stage: str | None, from_stage: str | None) -> list[str]:
+    enabled = recipe.enabled_stages()
+    for name, flag in ((stage, "--stage"), (from_stage, "--from")):
+        if name is not None and name not in enabled:
+            known = [s for s in STAGES if s in enabled]
+            raise PipelineError(f"{flag} {name}: this recipe's stages are {known}.")
+    if stage and from_stage:
+        raise PipelineError("Use either --stage or --from, not both.")
+    if stage:
+        return [stage]
+    if from_stage:
+        return enabled[enabled.index(from_stage):]
+    return enabled
+
+
+def _in_progress_fingerprint(stage_dir: Path) -> str | None:
+    try:
+        return json.loads((stage_dir / IN_PROGRESS).read_text(encoding="utf-8"))["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None = None,
+               force: bool = False, log: Callable[[str], None] = print) -> list[StageOutcome]:
+    """Run the selected stages of a recipe in order; returns what happened to each."""
+    selected = select_stages(recipe, stage, from_stage)
+    enabled = recipe.enabled_stages()
+    outcomes: list[StageOutcome] = []
+    fingerprints: dict[str, str] = {}
+    with run_lock(recipe.output_dir):
+        for name in enabled:
+            upstream_names = [u for u in UPSTREAM[name] if u in enabled]
+            if name not in selected:
+                manifest = read_manifest(recipe.stage_dir(name))
+                if manifest is not None:
+                    fingerprints[name] = manifest["fingerprint"]
+                continue
+            upstream: dict[str, dict[str, Any]] = {}
+            for up in upstream_names:
+                manifest = read_manifest(recipe.stage_dir(up))
+                if manifest is None:
+                    raise PipelineError(
+                        f"Stage '{name}' needs stage '{up}', which has not completed in {recipe.output_dir}. "
+                        f"Run it first: --stage {up} (or run the whole recipe without --stage)."
+                    )
+                upstream[up] = manifest
+            inputs = {up: upstream[up]["fingerprint"] for up in upstream_names}
+            config = stage_config(recipe, name)
+            fp = fingerprint(name, config, inputs)
+            fingerprints[name] = fp
+            stage_dir = recipe.stage_dir(name)
+            existing = read_manifest(stage_dir)
+            forced = force or (from_stage is not None)
+            if existing is not None and existing.get("fingerprint") == fp and not forced:
+                log(f"[{name}] skipped: up to date (fingerprint {fp}); use --force to re-run")
+                outcomes.append(StageOutcome(name, "skipped", fp, metrics=existing.get("metrics", {})))
+                continue
+            outcomes.append(_run_one(recipe, name, stage_dir, fp, inputs, config, upstream, existing, forced, log))
+    return outcomes
+
+
+def _run_one(recipe: Recipe, name: str, stage_dir: Path, fp: str, inputs: dict[str, str],
+             config: dict[str, Any], upstream: dict[str, dict[str, Any]], existing: dict[str, Any] | None,
+             forced: bool, log: Callable[[str], None]) -> StageOutcome:
+    resumable = existing is None and not forced and _in_progress_fingerprint(stage_dir) == fp
+    if existing is not None:
+        why = "forced" if forced else "settings, data or an upstream stage changed"
+        log(f"[{name}] re-running ({why})")
+    if not resumable:
+        clear_checkpoints(stage_dir)
+    # Anything downstream was built from the old output: mark it stale before touching this stage.
+    invalidate(stage_dir)
+    for later in STAGES[STAGES.index(name) + 1:]:
+        if invalidate(recipe.stage_dir(later)):
+            log(f"[{later}] marked stale (upstream '{name}' is re-running)")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stage_dir / IN_PROGRESS, {"fingerprint": fp, "started": time.time()})
+    log(f"[{name}] running (fingerprint {fp})")
+    ctx = StageContext(recipe=recipe, stage=name, stage_dir=stage_dir, upstream=upstream)
+    start = time.time()
+    metrics = _stage_runner(name)(ctx)
+    wall = time.time() - start
+    write_manifest(stage_dir, stage=name, fingerprint_=fp, inputs=inputs, config=config, metrics=metrics,
+                   wall_time_s=wall, extra=ctx.extra)
+    clear_checkpoints(stage_dir)  # the finished stage no longer needs them; the manifest is written
+    resumed = ctx.extra.get("resumed_from_step", 0)
+    log(f"[{name}] done in {wall:.1f}s" + (f" (resumed from step {resumed})" if resumed else ""))
+    return StageOutcome(name, "resumed" if resumed else "ran", fp, wall, metrics)

@@ -1,0 +1,122 @@
+"""Stage ``eval``: base vs SFT vs DPO on held-out prompts, side by side.
+
+Writes ``<output_dir>/eval/metrics.json``, ``report.md``, PNG plots and ``generations_<model>.jsonl``.
+Metrics: format compliance (answers, then stops), IFEval-style constraint accuracy (strict/loose, per
+type), held-out preference accuracy (DPO implicit reward vs the stage's reference), held-out loss of
+reference answers; plus the SFT/DPO training loss curves.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+from datasets import load_from_disk
+
+from pipeline.artifacts import atomic_write_json, atomic_write_text
+from pipeline.errors import PipelineError
+from pipeline.evaluation import (
+    generate_for_prompts,
+    heldout_loss,
+    load_prompts,
+    plot_loss_curves,
+    plot_model_comparison,
+    plot_per_type,
+    preference_accuracy,
+    score_generations,
+)
+from pipeline.inference import load
+from pipeline.models import configure_generation, load_base_model, load_tokenizer
+from pipeline.stages.context import StageContext
+
+MAX_HELDOUT_ROWS = 100
+
+
+def _load_for(ctx: StageContext, name: str) -> tuple[Any, Any]:
+    if name == "base":
+        model, tokenizer = load_base_model(ctx.recipe.model), load_tokenizer(ctx.recipe.model)
+        configure_generation(model, tokenizer)
+        return model.eval(), tokenizer
+    return load(ctx.upstream_dir(name))
+
+
+def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversations: list, pairs: list) -> dict:
+    cfg = ctx.recipe.eval
+    model, tokenizer = _load_for(ctx, name)
+    metrics: dict[str, Any] = {}
+    if conversations:
+        metrics["heldout_loss"] = heldout_loss(model, tokenizer, conversations, desc=f"{name} held-out loss")
+    if pairs and name != "base":  # the base model has no reference to compare against
+        metrics.update(preference_accuracy(model, tokenizer, pairs, desc=f"{name} preferences"))
+    if name != "base":
+        model = model.merge_and_unload()  # faster generation, same outputs
+    outputs = generate_for_prompts(model, tokenizer, prompts, max_new_tokens=cfg["max_new_tokens"],
+                                   batch_size=cfg["batch_size"], desc=f"{name} generation")
+    metrics.update(score_generations(prompts, outputs))
+    rows = [{"key": p.get("key"), "prompt": p["prompt"], **o} for p, o in zip(prompts, outputs, strict=True)]
+    atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl",
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    del model
+    gc.collect()
+    return metrics
+
+
+def _held_out(ctx: StageContext, split: str) -> list[dict]:
+    path = ctx.upstream_dir("prepare") / split
+    if not path.exists():
+        return []
+    rows = load_from_disk(str(path))
+    return list(rows.select(range(min(MAX_HELDOUT_ROWS, len(rows)))))
+
+
+def _report(metrics: dict[str, dict], prompts: list[dict], stage_dir: Path, samples: int) -> str:
+    names = list(metrics)
+    keys = ["format_compliance", "prompt_strict_acc", "prompt_loose_acc", "instruction_strict_acc",
+            "instruction_loose_acc", "implicit_reward_acc", "likelihood_acc", "heldout_loss", "mean_new_tokens"]
+    lines = ["# Evaluation: base → SFT → DPO", "", f"{len(prompts)} held-out prompts, greedy decoding.", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(str(metrics[n].get(key, "–")) for n in names) + " |")
+    lines += ["", "![model comparison](comparison.png)", "", "![per constraint type](per_type.png)", "",
+              "![training loss](loss_curves.png)", "", "## Strict accuracy per constraint type", "",
+              "| constraint | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    types = sorted({t for m in metrics.values() for t in m.get("per_type_strict_acc", {})})
+    for t in types:
+        lines.append(f"| {t} | " + " | ".join(str(metrics[n]["per_type_strict_acc"].get(t, "–")) for n in names) + " |")
+    lines += ["", "## Sample generations", ""]
+    generations = {n: [json.loads(x) for x in (stage_dir / f"generations_{n}.jsonl").read_text().splitlines()]
+                   for n in names}
+    step = max(len(prompts) // max(samples, 1), 1)
+    for i in range(0, min(len(prompts), step * samples), step):
+        lines += [f"### Prompt {i + 1}", "", "> " + prompts[i]["prompt"].replace("\n", "\n> "), ""]
+        for n in names:
+            out = generations[n][i]
+            flag = "" if out["stopped"] else " *(did not stop)*"
+            lines += [f"**{n}**{flag}:", "", "```text", out["text"][:1200], "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg = ctx.recipe.eval
+    if not cfg["prompts"]:
+        raise PipelineError("eval.prompts must name a JSONL of held-out prompts (IFEval-style).")
+    prompts = load_prompts(cfg["prompts"], cfg["max_prompts"])
+    conversations = [row["messages"] for row in _held_out(ctx, "sft_eval")]
+    pairs = _held_out(ctx, "dpo_eval")
+    names = [n for n in cfg["models"] if n == "base" or n in ctx.upstream]
+    metrics = {name: _evaluate_model(ctx, name, prompts, conversations, pairs) for name in names}
+
+    histories = {}
+    for stage in ("sft", "dpo"):
+        path = ctx.upstream_dir(stage) / "log_history.json"
+        if stage in ctx.upstream and path.is_file():
+            histories[stage] = json.loads(path.read_text())
+    plot_loss_curves(histories, ctx.stage_dir / "loss_curves.png")
+    plot_model_comparison(metrics, ctx.stage_dir / "comparison.png")
+    plot_per_type(metrics, ctx.stage_dir / "per_type.png")
+    atomic_write_json(ctx.stage_dir / "metrics.json", metrics)
+    atomic_write_text(ctx.stage_dir / "report.md", _report(metrics, prompts, ctx.stage_dir, cfg["num_samples"]))
+    print(f"  report: {ctx.stage_dir / 'report.md'}", flush=True)
+    return {name: {k: v for k, v in m.items() if k != "per_type_strict_acc"} for name, m in metrics.items()}

@@ -1,0 +1,111 @@
+"""What the two training stages (SFT and DPO) share: trainer arguments, resume, NaN guard, saving.
+
+Each training stage writes TRL checkpoints to ``<stage_dir>/checkpoints/`` while it runs and the final
+adapter, tokenizer (with its chat template) and generation config to ``<stage_dir>/`` when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from pipeline.artifacts import atomic_write_json
+from pipeline.errors import PipelineError
+from pipeline.models import configure_generation, precision_args
+
+CHECKPOINTS = "checkpoints"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def trainer_arguments(section: dict[str, Any], model_cfg: dict[str, Any], stage_dir: Path,
+                      pipeline_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Keyword arguments for SFTConfig/DPOConfig: the recipe section + where to write + precision."""
+    args = {key: value for key, value in section.items() if key not in pipeline_keys}
+    args["output_dir"] = str(stage_dir / CHECKPOINTS)
+    for key, value in precision_args(model_cfg).items():
+        args.setdefault(key, value)  # the recipe may still choose, e.g. fp32 on a bf16-capable CPU
+    return args
+
+
+def latest_complete_checkpoint(stage_dir: Path) -> str | None:
+    """Newest checkpoint whose trainer_state.json (written last by the Trainer) parses.
+
+    A checkpoint the process was killed while writing is removed, so the Trainer never sees it.
+    """
+    root = stage_dir / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    found = sorted(
+        ((int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()),
+        reverse=True,
+    )
+    for _, path in found:
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(path)
+        except (OSError, json.JSONDecodeError):
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def clear_checkpoints(stage_dir: Path) -> None:
+    shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first logged NaN/inf loss, before a checkpoint of the broken weights is saved.
+
+    The Trainer logs before it saves at a given step, so with ``save_steps`` a multiple of
+    ``logging_steps`` the last checkpoint on disk holds finite weights.
+    """
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            last = max((h["step"] for h in state.log_history[:-1] if "loss" in h), default=0)
+            raise PipelineError(
+                f"Training loss became {loss} at step {state.global_step} (last finite loss logged at step "
+                f"{last}). The last checkpoint before it is kept in {args.output_dir}. Lower the learning rate "
+                "(or use fp32 with model.dtype: float32) and re-run the stage; it resumes from that checkpoint."
+            )
+
+
+def check_save_cadence(section: dict[str, Any]) -> None:
+    """NaN detection is only safe when every save step is also a logging step (see StopOnNonFiniteLoss)."""
+    save, log = section.get("save_steps"), section.get("logging_steps")
+    if isinstance(save, int) and isinstance(log, int) and save >= 1 and log >= 1 and save % log:
+        raise PipelineError(
+            f"save_steps ({save}) must be a multiple of logging_steps ({log}) so that a NaN loss is caught "
+            "before a checkpoint of broken weights is written."
+        )
+
+
+def train_with_resume(trainer: Any, stage_dir: Path) -> tuple[dict[str, Any], int]:
+    """Train, resuming from the last complete checkpoint; returns (metrics, step resumed from)."""
+    checkpoint = latest_complete_checkpoint(stage_dir)
+    resumed_from = int(Path(checkpoint).name.split("-")[1]) if checkpoint else 0
+    if checkpoint:
+        print(f"  resuming from {checkpoint} (step {resumed_from})", flush=True)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    return metrics, resumed_from
+
+
+def save_stage_model(trainer: Any, tokenizer: Any, stage_dir: Path, base_model_path: str) -> None:
+    """Save the trained adapter (only the 'default' one), tokenizer, generation config and log history."""
+    model = trainer.model
+    configure_generation(model, tokenizer)
+    model.peft_config["default"].base_model_name_or_path = str(Path(base_model_path).resolve()) \
+        if Path(base_model_path).exists() else base_model_path
+    model.save_pretrained(stage_dir, selected_adapters=["default"], safe_serialization=True)
+    tokenizer.save_pretrained(stage_dir)
+    model.generation_config.save_pretrained(stage_dir)
+    atomic_write_json(stage_dir / "log_history.json", trainer.state.log_history)

@@ -1,0 +1,13 @@
+"""Chat with a trained stage: ``python scripts/chat.py runs/quickstart/dpo [--prompt "..."]``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cli import main_chat  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main_chat())
