@@ -78,6 +78,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=1, sort_keys=True)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache may be shared
     os.replace(tmp, path)
 
 
@@ -148,6 +149,7 @@ def convert_gguf(gguf_path: str | Path, cache_dir: Path | None = None, dtype: to
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    build.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
     try:
         _convert_into(gguf_path, build, dtype, sha)
         if target.exists():  # an incomplete leftover (we checked the files above): replace it
@@ -174,7 +176,7 @@ def _convert_into(gguf_path: Path, out_dir: Path, dtype: torch.dtype, sha256: st
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
         gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    except (ValueError, OSError, KeyError) as exc:
+    except (ValueError, OSError, KeyError, ImportError) as exc:
         raise PipelineError(
             f"transformers could not load {gguf_path} ({exc}). Check that it is a GGUF of a causal LM "
             "architecture transformers supports, and that the 'gguf' package is installed (pip install gguf)."

@@ -624,7 +624,7 @@ CONSTRAINTS: dict[str, Constraint] = {c.instruction_id: c for c in [
                    f"Mark at least {_plural(kw['num_highlights'], 'part')} of your response as *highlighted "
                    "text* using single asterisks."],
        lambda r, kw: _highlights(r) >= kw["num_highlights"], _highlight_apply,
-       lambda a, rng, p: {"num_highlights": rng.randint(1, min(3, max(1, count_sentences(a))))},
+       lambda a, rng, p: {"num_highlights": rng.randint(1, min(3, max(1, count_sentences(a) - 1)))},
        _highlight_miss, stage=4, applicable=lambda a: count_sentences(a) >= 1 and "*" not in a),
     _C("detectable_format:multiple_sections",
        lambda kw: [f"Your response must have {kw['num_sections']} sections. Mark the beginning of each section "
@@ -703,6 +703,15 @@ CONSTRAINTS: dict[str, Constraint] = {c.instruction_id: c for c in [
        applicable=lambda a: count_sentences(a) >= 2),
 ]}
 
+# Types whose apply() leaves code intact (the others restructure, re-case or cut text and would break it).
+_CODE_SAFE = {"detectable_format:title", "detectable_content:postscript", "startend:end_checker",
+              "combination:repeat_prompt", "detectable_format:json_format", "keywords:existence"}
+
+
+def _has_code(text: str) -> bool:
+    return "`" in text
+
+
 # Pairs of constraints that cannot (or cannot sensibly) hold together; combined prompts never use them.
 _JSON_OK = {"change_case:english_lowercase", "punctuation:no_comma", "keywords:existence",
             "keywords:forbidden_words", "keywords:frequency", "length_constraints:number_words"}
@@ -758,6 +767,12 @@ def get_constraint(instruction_id: str) -> Constraint:
             f"Unknown instruction id {instruction_id!r}. Supported ids: {', '.join(sorted(CONSTRAINTS))}. "
             "Remove prompts using other ids from the eval file or add the type to pipeline/data/constraints.py."
         ) from None
+
+
+def is_applicable(instruction_id: str, answer: str) -> bool:
+    """Does the constraint suit this answer (e.g. enough sentences to make bullets; no code to re-case)?"""
+    spec = get_constraint(instruction_id)
+    return (instruction_id in _CODE_SAFE or not _has_code(answer)) and spec.applicable(answer)
 
 
 def _clean(kwargs: Kwargs | None) -> Kwargs:
