@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data.constraints import evaluate_response
+from pipeline.data.constraints import aggregate, evaluate_response
 from pipeline.errors import DataError
 from pipeline.inference import generate
 
@@ -41,31 +40,16 @@ def load_prompts(path: str | Path, max_prompts: int | None = None) -> list[dict[
 
 
 def score_generations(prompts: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Format compliance and constraint accuracy (strict and loose, prompt- and instruction-level)."""
-    per_type: dict[str, list[bool]] = defaultdict(list)
-    prompt_strict, prompt_loose, inst_strict, inst_loose, compliant = [], [], [], [], []
+    """Format compliance (answered, then stopped on its own) and IFEval constraint accuracies."""
+    results = []
     for row, out in zip(prompts, outputs, strict=True):
         result = evaluate_response(out["text"], row["instruction_id_list"], row["kwargs"], row["prompt"])
-        strict, loose = list(result["strict"]), list(result["loose"])
-        out["constraints_strict"] = strict
-        prompt_strict.append(all(strict))
-        prompt_loose.append(all(loose))
-        inst_strict += strict
-        inst_loose += loose
-        for instruction_id, ok in zip(row["instruction_id_list"], strict, strict=True):
-            per_type[instruction_id].append(ok)
-        compliant.append(out["stopped"] and bool(out["text"]))
-
-    def mean(values: list[bool]) -> float:
-        return round(sum(values) / len(values), 4) if values else float("nan")
-
+        out["constraints_strict"] = result["strict"]
+        results.append(result)
+    compliant = [out["stopped"] and bool(out["text"]) for out in outputs]
     return {
-        "format_compliance": mean(compliant),
-        "prompt_strict_acc": mean(prompt_strict),
-        "prompt_loose_acc": mean(prompt_loose),
-        "instruction_strict_acc": mean(inst_strict),
-        "instruction_loose_acc": mean(inst_loose),
-        "per_type_strict_acc": {k: mean(v) for k, v in sorted(per_type.items())},
+        "format_compliance": round(sum(compliant) / max(len(compliant), 1), 4),
+        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in aggregate(results).items()},
         "mean_new_tokens": round(sum(o["new_tokens"] for o in outputs) / max(len(outputs), 1), 1),
     }
 
@@ -155,7 +139,7 @@ def plot_model_comparison(metrics: dict[str, dict[str, Any]], path: Path) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["format_compliance", "prompt_strict_acc", "prompt_loose_acc", "instruction_strict_acc"]
+    keys = ["format_compliance", "prompt_level_strict", "prompt_level_loose", "instruction_level_strict"]
     names = list(metrics)
     fig, ax = plt.subplots(figsize=(8, 3.8))
     width = 0.8 / max(len(names), 1)
@@ -177,12 +161,12 @@ def plot_per_type(metrics: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    types = sorted({t for m in metrics.values() for t in m.get("per_type_strict_acc", {})})
+    types = sorted({t for m in metrics.values() for t in m.get("per_type_strict", {})})
     names = list(metrics)
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(types) + 1.5))
     height = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
-        values = [metrics[name].get("per_type_strict_acc", {}).get(t, 0.0) for t in types]
+        values = [metrics[name].get("per_type_strict", {}).get(t, 0.0) for t in types]
         ax.barh([y + i * height for y in range(len(types))], values, height, label=name)
     ax.set_yticks([y + height * (len(names) - 1) / 2 for y in range(len(types))], types, fontsize=7)
     ax.set_xlim(0, 1)

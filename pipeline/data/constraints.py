@@ -502,15 +502,21 @@ def _frequency_sample(answer: str, rng: random.Random, _prompt: str | None) -> K
     repeated = [w for w in words if count_word(answer, w) >= 2]
     if repeated and rng.random() < 0.7:
         word = rng.choice(repeated)
+        spread = sum(1 for s in split_sentences(answer) if count_word(s, word))
+        if spread >= 2 and rng.random() < 0.5:  # cut the later mentions: apply() removes their sentences
+            return {"keyword": word, "frequency": count_word(answer, word), "relation": "less than"}
         return {"keyword": word, "frequency": count_word(answer, word), "relation": "at least"}
     word = rng.choice(words)
-    return {"keyword": word, "frequency": count_word(answer, word) + rng.choice([1, 2]), "relation": "less than"}
+    return {"keyword": word, "frequency": count_word(answer, word) + 1, "relation": "less than"}
 
 
 def _frequency_miss(answer: str, kw: Kwargs) -> str:
+    word, n = kw["keyword"], kw["frequency"]
     if kw["relation"] == "at least":
-        return _drop_sentences_with(answer, [kw["keyword"]], keep_one=False)
-    extra = " ".join([f"To sum up, {kw['keyword']} matters here."] * kw["frequency"])
+        return _drop_sentences_with(answer, [word], keep_one=False)
+    if count_word(answer, word) >= n:
+        return answer
+    extra = " ".join([f"Again, {word} is the key point here."] * (n - count_word(answer, word)))
     return answer.rstrip() + "\n\n" + extra
 
 

@@ -187,7 +187,8 @@ def neutralise_control_tokens(text: str, control_tokens: Iterable[str]) -> str:
 
 def _load(sources: list[dict], control_tokens: Iterable[str], *, kind: str) -> tuple[list[dict], dict]:
     if not isinstance(sources, list) or not sources:
-        raise PipelineError("No data sources given: add at least one {path: data/x.jsonl} to the recipe's data.")
+        raise PipelineError("No data sources given: add at least one {path: data/x.jsonl} to the recipe's "
+                            "data section.")
     specs = [_parse_source(source, index, kind) for index, source in enumerate(sources)]
     pattern = _control_token_pattern(frozenset(control_tokens))
     seen: set[bytes] = set()
@@ -215,7 +216,8 @@ def _parse_source(source: Any, index: int, kind: str) -> _Source:
         if key not in SOURCE_KEYS:
             close = difflib.get_close_matches(str(key), sorted(SOURCE_KEYS), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise PipelineError(f"{where} has unknown key {key!r}.{hint} Valid keys: {', '.join(sorted(SOURCE_KEYS))}.")
+            valid = ", ".join(sorted(SOURCE_KEYS))
+            raise PipelineError(f"{where} has unknown key {key!r}.{hint} Valid keys: {valid}.")
     path, fmt, limit = source.get("path"), source.get("format"), source.get("limit")
     if not isinstance(path, str) or not path.strip():
         raise PipelineError(f"{where} needs a 'path': a .jsonl/.json/.parquet file or a Hub dataset id.")
@@ -269,16 +271,17 @@ def _check_source_outcome(spec: _Source, report: _SourceReport) -> None:
     if spec.format and report.matched == 0:
         line, detected = report.first_row or (None, None)
         looks = f"; the first row looks like {detected!r}" if detected else ""
+        fields = ", ".join(_SIGNATURES[spec.format])
         raise DataError(f"format {spec.format!r} was given but no row has any of its fields "
-                        f"({', '.join(_SIGNATURES[spec.format])}){looks}. Fix `format` in the recipe or leave it "
-                        "out to detect the format per row.", path=spec.path, line=line)
+                        f"({fields}){looks}. Fix `format` in the recipe or leave it out to detect the format per row.",
+                        path=spec.path, line=line)
     if report.kept == 0:
         first = report.examples[0] if report.examples else None
         reasons = ", ".join(f"{reason}: {n}" for reason, n in report.reasons.most_common())
         problem = f" First problem: {first['reason']} ({first['detail']})." if first else ""
-        raise DataError(f"no usable rows: {report.rows_in} read, {report.dropped} dropped ({reasons or 'none'}), "
-                        f"{report.deduplicated} duplicates of earlier rows.{problem} Fix the rows or the "
-                        "source's `format`, or remove this source from the recipe.",
+        raise DataError(f"no usable rows: {report.rows_in} read, {report.dropped} dropped "
+                        f"({reasons or 'none'}), {report.deduplicated} duplicates of earlier rows.{problem} "
+                        "Fix the rows or the source's `format`, or remove this source from the recipe.",
                         path=spec.path, line=first["line"] if first else None)
 
 
@@ -296,8 +299,8 @@ def _records(spec: _Source) -> Iterator[tuple[int, Any]]:
             return _json_file(path, spec.path)
         if suffix == ".parquet":
             return _parquet_rows(path, spec.path)
-        raise DataError(f"unsupported file type {suffix or '(no extension)'!r}; convert it to .jsonl, .json or "
-                        ".parquet.", path=spec.path)
+        raise DataError(f"unsupported file type {suffix or '(no extension)'!r}; convert it to .jsonl, .json "
+                        "or .parquet.", path=spec.path)
     if path.exists():
         raise DataError("is a directory; point `path` at a .jsonl, .json or .parquet file.", path=spec.path)
     if _HUB_ID.match(spec.path) and path.suffix.lower() not in _FILE_SUFFIXES:
@@ -306,7 +309,8 @@ def _records(spec: _Source) -> Iterator[tuple[int, Any]]:
                     "directory). Fix `path` in the recipe's data sources.", path=spec.path)
 
 
-def _json_lines(path: Path, display: str, *, first_line_must_parse: bool = False) -> Iterator[tuple[int, Any]]:
+def _json_lines(path: Path, display: str, *, first_line_must_parse: bool = False
+                ) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as handle:
         offset, line = 0, 0
         any_row = False
@@ -328,7 +332,8 @@ def _json_lines(path: Path, display: str, *, first_line_must_parse: bool = False
             except (ValueError, RecursionError) as exc:
                 if first_line_must_parse and not any_row:
                     raise DataError(f"not valid JSON ({_json_error(exc)}). A .json file must hold one JSON "
-                                    "array of objects, or one JSON object per line.", path=display, line=line) from None
+                                    "array of objects, or one JSON object per line.",
+                                    path=display, line=line) from None
                 value = _Drop("invalid_json", _json_error(exc))
             any_row = True
             yield line, value
@@ -368,8 +373,9 @@ def _json_file(path: Path, display: str) -> Iterator[tuple[int, Any]]:
             try:
                 value, pos = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as exc:
-                raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno}); the file must be one JSON array "
-                                "of objects. Fix the syntax there.", path=display, line=exc.lineno) from None
+                raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno}); the file must be one JSON "
+                                "array of objects. Fix the syntax there.",
+                                path=display, line=exc.lineno) from None
             except (ValueError, RecursionError) as exc:
                 raise DataError(f"invalid JSON ({_json_error(exc)}); fix this array element.",
                                 path=display, line=line) from None
@@ -381,8 +387,8 @@ def _json_file(path: Path, display: str) -> Iterator[tuple[int, Any]]:
                 pos += 1
                 break
             else:
-                raise DataError("invalid JSON (expected ',' or ']' after an array element); fix the syntax there.",
-                                path=display, line=line + text.count("\n", counted, pos))
+                raise DataError("invalid JSON (expected ',' or ']' after an array element); fix the syntax "
+                                "there.", path=display, line=line + text.count("\n", counted, pos))
     extra = _JSON_WS.match(text, pos).end()
     if extra < len(text):
         raise DataError("invalid JSON (extra content after the closing ']'); remove it.",
@@ -418,11 +424,12 @@ def _hub_rows(spec: _Source) -> Iterator[tuple[int, Any]]:
         offline = any(os.environ.get(var, "").upper() in {"1", "ON", "YES", "TRUE"}
                       for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
         if offline:
-            raise DataError("is not a local file, and the Hub dataset isn't available offline (HF_HUB_OFFLINE=1, "
-                            "not in the local cache). Download it once with network access, or point `path` at "
-                            "a local .jsonl/.json/.parquet file.", path=spec.path) from exc
-        raise DataError(f"is not a local file, and loading it from the Hugging Face Hub failed ({exc}). Check the "
-                        "dataset id, `subset` and `split`, or point `path` at a local file.", path=spec.path) from exc
+            raise DataError("is not a local file, and the Hub dataset isn't available offline "
+                            "(HF_HUB_OFFLINE=1, not in the local cache). Download it once with network access, or point `path` "
+                            "at a local .jsonl/.json/.parquet file.", path=spec.path) from exc
+        raise DataError(f"is not a local file, and loading it from the Hugging Face Hub failed ({exc}). "
+                        "Check the dataset id, `subset` and `split`, or point `path` at a local file.",
+                        path=spec.path) from exc
     yield from enumerate(dataset, start=1)
 
 
@@ -437,8 +444,8 @@ def _utf8_error(raw: bytes, index: int, display: str, line: int, offset: int) ->
     if offset <= 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return DataError("is UTF-16 encoded (it starts with a UTF-16 byte-order mark); re-save it as UTF-8.",
                          path=display, line=line)
-    return DataError(f"not valid UTF-8: byte 0x{raw[index]:02x} at byte offset {offset} of the file. Re-encode "
-                     "the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`).",
+    return DataError(f"not valid UTF-8: byte 0x{raw[index]:02x} at byte offset {offset} of the file. "
+                     "Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`).",
                      path=display, line=line)
 
 
@@ -467,8 +474,8 @@ def _normalise(record: Any, fmt_hint: str | None, kind: str) -> tuple[dict, str]
         raise _Drop("not_an_object", f"expected a JSON object, got {_type_name(record)}")
     fmt = fmt_hint or _detect_format(record)
     if fmt is None:
-        raise _Drop("missing_fields", f"no fields of a known format (keys: {_keys(record)}); expected messages, "
-                                      "conversations, instruction/output or chosen/rejected")
+        raise _Drop("missing_fields", f"no fields of a known format (keys: {_keys(record)}); expected "
+                                      "messages, conversations, instruction/output or chosen/rejected")
     if not _has_signature(record, fmt):
         raise _Drop("missing_fields", f"none of the {fmt} fields {', '.join(_SIGNATURES[fmt])} "
                                       f"(keys: {_keys(record)})")
@@ -525,7 +532,8 @@ def _preference_row(record: dict) -> dict:
     if prompt_raw is None:
         # Implicit prompt: chosen and rejected are whole conversations sharing their leading messages.
         if not (isinstance(record["chosen"], list) and isinstance(record["rejected"], list)):
-            raise _Drop("missing_fields", "no prompt, and chosen/rejected are not message lists to take it from")
+            raise _Drop("missing_fields", "no prompt, and chosen/rejected are not message lists to take one "
+                                          "from")
         chosen = _parse_messages(record["chosen"], "chosen")
         rejected = _parse_messages(record["rejected"], "rejected")
         shared = 0
@@ -540,17 +548,19 @@ def _preference_row(record: dict) -> dict:
         chosen = _strip_prefix(_as_messages(record["chosen"], "chosen", "assistant"), prompt)
         rejected = _strip_prefix(_as_messages(record["rejected"], "rejected", "assistant"), prompt)
     _check_length(prompt + chosen + rejected)
-    same = [(m["role"], m["content"].strip()) for m in chosen] == [(m["role"], m["content"].strip()) for m in rejected]
+    same = [(m["role"], m["content"].strip()) for m in chosen] == [
+        (m["role"], m["content"].strip()) for m in rejected]
     if same and (chosen or prompt_raw is None):  # two empty explicit answers are a bad_completion instead
-        raise _Drop("chosen_equals_rejected", "chosen and rejected are the same text, so the pair teaches nothing")
+        raise _Drop("chosen_equals_rejected", "chosen and rejected are the same text: nothing to learn")
     if not prompt:
-        raise _Drop("empty_prompt", "prompt has no messages (without a 'prompt' field, chosen and rejected must "
-                                    "share their leading messages)")
+        raise _Drop("empty_prompt", "prompt has no messages (without a 'prompt' field, chosen and rejected "
+                                    "must share their leading messages)")
     _check_turn_order(prompt, field="prompt", final="user")
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
         if len(answer) != 1 or answer[0]["role"] != "assistant":
             roles = [m["role"] for m in answer]
-            raise _Drop("bad_completion", f"{name} must be exactly one assistant message after the prompt, got {roles}")
+            raise _Drop("bad_completion", f"{name} must be exactly one assistant message after the prompt, "
+                                          f"got roles {roles}")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
@@ -561,7 +571,8 @@ def _parse_messages(value: Any, where: str) -> list[dict]:
     for index, message in enumerate(value):
         at = f"{where}[{index}]"
         if not isinstance(message, dict):
-            raise _Drop("wrong_type", f"{at} must be an object with role and content, got {_type_name(message)}")
+            raise _Drop("wrong_type", f"{at} must be an object with role and content, "
+                                      f"got {_type_name(message)}")
         role = message.get("role") if message.get("role") is not None else message.get("from")
         if role is None or ("content" not in message and "value" not in message):
             raise _Drop("missing_fields", f"{at} needs 'role' and 'content' (or 'from' and 'value')")
@@ -593,7 +604,9 @@ def _with_system(record: dict, messages: list[dict]) -> list[dict]:
 
 
 def _strip_prefix(messages: list[dict], prefix: list[dict]) -> list[dict]:
-    return messages[len(prefix):] if len(messages) > len(prefix) and messages[:len(prefix)] == prefix else messages
+    if len(messages) > len(prefix) and messages[:len(prefix)] == prefix:
+        return messages[len(prefix):]
+    return messages
 
 
 def _text(value: Any, where: str, *, allow_empty: bool = False) -> str:
@@ -623,10 +636,12 @@ def _check_turn_order(messages: list[dict], *, field: str, final: str) -> None:
         raise _Drop("no_assistant_turn" if final == "assistant" else "empty_prompt",
                     f"{field} has no user or assistant turns")
     if body[0]["role"] != "user":
-        raise _Drop("starts_with_assistant", f"{field} must start with a user turn (after an optional system)")
+        raise _Drop("starts_with_assistant", f"{field} must start with a user turn (after an optional "
+                                             "system)")
     for index in range(1, len(body)):
         if body[index]["role"] == body[index - 1]["role"]:
-            raise _Drop("non_alternating", f"{field}: two {body[index]['role']} turns in a row at turn {index + 1}")
+            role = body[index]["role"]
+            raise _Drop("non_alternating", f"{field}: two {role} turns in a row at turn {index + 1}")
     if final == "assistant" and len(body) == 1:
         raise _Drop("no_assistant_turn", f"{field} has no assistant turn to learn from")
     if body[-1]["role"] != final:
@@ -652,8 +667,8 @@ def _keys(record: dict) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _control_token_pattern(tokens: frozenset[str]) -> re.Pattern[str] | None:
-    usable = sorted(token for token in tokens
-                    if isinstance(token, str) and len(token) > 1 and token.strip() and ZERO_WIDTH_SPACE not in token)
+    usable = sorted(token for token in tokens if isinstance(token, str) and len(token) > 1 and token.strip()
+                    and ZERO_WIDTH_SPACE not in token)
     if not usable:
         return None
     trie: dict[str, Any] = {}

@@ -73,8 +73,8 @@ def _held_out(ctx: StageContext, split: str) -> list[dict]:
 
 def _report(metrics: dict[str, dict], prompts: list[dict], stage_dir: Path, samples: int) -> str:
     names = list(metrics)
-    keys = ["format_compliance", "prompt_strict_acc", "prompt_loose_acc", "instruction_strict_acc",
-            "instruction_loose_acc", "implicit_reward_acc", "likelihood_acc", "heldout_loss", "mean_new_tokens"]
+    keys = ["format_compliance", "prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
+            "instruction_level_loose", "implicit_reward_acc", "likelihood_acc", "heldout_loss", "mean_new_tokens"]
     lines = ["# Evaluation: base → SFT → DPO", "", f"{len(prompts)} held-out prompts, greedy decoding.", "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key in keys:
@@ -82,9 +82,9 @@ def _report(metrics: dict[str, dict], prompts: list[dict], stage_dir: Path, samp
     lines += ["", "![model comparison](comparison.png)", "", "![per constraint type](per_type.png)", "",
               "![training loss](loss_curves.png)", "", "## Strict accuracy per constraint type", "",
               "| constraint | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    types = sorted({t for m in metrics.values() for t in m.get("per_type_strict_acc", {})})
+    types = sorted({t for m in metrics.values() for t in m.get("per_type_strict", {})})
     for t in types:
-        lines.append(f"| {t} | " + " | ".join(str(metrics[n]["per_type_strict_acc"].get(t, "–")) for n in names) + " |")
+        lines.append(f"| {t} | " + " | ".join(str(metrics[n]["per_type_strict"].get(t, "–")) for n in names) + " |")
     lines += ["", "## Sample generations", ""]
     generations = {n: [json.loads(x) for x in (stage_dir / f"generations_{n}.jsonl").read_text().splitlines()]
                    for n in names}
@@ -119,4 +119,4 @@ def run(ctx: StageContext) -> dict[str, Any]:
     atomic_write_json(ctx.stage_dir / "metrics.json", metrics)
     atomic_write_text(ctx.stage_dir / "report.md", _report(metrics, prompts, ctx.stage_dir, cfg["num_samples"]))
     print(f"  report: {ctx.stage_dir / 'report.md'}", flush=True)
-    return {name: {k: v for k, v in m.items() if k != "per_type_strict_acc"} for name, m in metrics.items()}
+    return {name: {k: v for k, v in m.items() if k != "per_type_strict"} for name, m in metrics.items()}

@@ -1,0 +1,460 @@
+"""Build the derived datasets shipped in data/ from the hand-written ones (deterministic, seed 0).
+
+Where it sits: offline, before any recipe runs. Inputs are the hand-written training conversations
+``data/instructions.jsonl`` and the held-out ``data/heldout_prompts.jsonl``; outputs are
+
+- ``sft_constraints.jsonl``   single-turn SFT examples whose prompt carries 1-2 verifiable constraints and
+                              whose answer was transformed to satisfy them (``pipeline.data.constraints``);
+- ``preferences.jsonl``       TRL conversational preference pairs from training prompts: constraint pairs
+                              (chosen complies; rejected is the plain answer or a near miss) and quality
+                              pairs (correct vs wrong, answers vs rambles, stops vs runs on);
+- ``eval_prompts.jsonl``      IFEval-format prompts built only from held-out prompts;
+- ``eval_preferences.jsonl``  the same kinds of pairs, built only from held-out prompts.
+
+Usage::
+
+    python scripts/build_data.py                      # regenerate data/*.jsonl in place
+    python scripts/build_data.py --out-dir /tmp/check # write elsewhere (tests compare byte for byte)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # let `python scripts/build_data.py` work without installing the package
+    sys.path.insert(0, str(REPO))
+
+from pipeline.data.constraints import (  # noqa: E402
+    CONSTRAINTS,
+    apply_all,
+    check,
+    compatible,
+    count_words,
+    describe,
+    is_applicable,
+    sample_kwargs,
+    split_sentences,
+)
+from pipeline.errors import DataError  # noqa: E402
+
+TYPES = sorted(CONSTRAINTS)
+N_SFT, N_CONSTRAINT_PAIRS, N_EVAL_CONSTRAINT_PAIRS = 250, 300, 30
+# Quality pairs per kind: (training, held-out).
+QUALITY_QUOTA = {"wrong_number": (25, 5), "wrong_answer": (25, 5), "ramble": (50, 10),
+                 "runs_on_turn": (25, 5), "repeats": (25, 5)}
+SECOND_CONSTRAINT_P = 0.4  # share of prompts that get two constraints instead of one
+NEAR_DUP_JACCARD = 0.5  # word 5-gram Jaccard at or above this counts as the same prompt
+
+
+@dataclass(frozen=True)
+class Example:
+    """A prompt (all messages before the final answer) and its reference answer."""
+
+    id: str
+    category: str
+    context: tuple[dict, ...]  # messages before the answer: optional system, earlier turns, last user turn
+    answer: str
+
+    @property
+    def prompt(self) -> str:
+        return self.context[-1]["content"]
+
+    @property
+    def single_turn(self) -> bool:
+        return len(self.context) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and writing
+# --------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
+    """Rows of a JSONL file, each checked for the ``required`` fields."""
+    if not path.exists():
+        raise DataError("file not found; it is hand-written and shipped with the project, restore it from git.",
+                        path=str(path))
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"invalid JSON ({err.msg}); fix or delete this line.", path=str(path), line=n) from None
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataError(f"row is missing {missing}; every row needs {list(required)}.", path=str(path), line=n)
+        rows.append(row)
+    return rows
+
+
+def load_training(path: Path) -> list[Example]:
+    """Training conversations as examples (the last assistant turn is the answer)."""
+    examples = []
+    for n, row in enumerate(read_jsonl(path, ["id", "category", "messages"]), 1):
+        messages = row["messages"]
+        if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
+            raise DataError("a conversation must end with a user turn followed by an assistant turn.",
+                            path=str(path), line=n)
+        examples.append(Example(row["id"], row["category"], tuple(messages[:-1]), messages[-1]["content"]))
+    return examples
+
+
+def load_heldout(path: Path) -> list[Example]:
+    """Held-out prompts with their references, as single-turn examples."""
+    return [Example(r["id"], r["category"], ({"role": "user", "content": r["prompt"]},), r["reference"])
+            for r in read_jsonl(path, ["id", "category", "prompt", "reference"])]
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out hygiene
+# --------------------------------------------------------------------------------------------------
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
+    """Word n-grams of ``text``; a prompt shorter than n words is one gram (so only equal prompts overlap)."""
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
+def drop_near_duplicates(heldout: list[Example], training_prompts: Sequence[str]) -> list[Example]:
+    """Held-out examples whose prompt is neither equal nor a near duplicate of any training prompt."""
+    exact = {normalise(p) for p in training_prompts}
+    grams = [shingles(p) for p in training_prompts]
+    return [ex for ex in heldout if normalise(ex.prompt) not in exact
+            and all(jaccard(shingles(ex.prompt), g) < NEAR_DUP_JACCARD for g in grams)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Constraint examples
+# --------------------------------------------------------------------------------------------------
+
+
+def with_instructions(prompt: str, instructions: Sequence[str]) -> str:
+    """The prompt with the constraint instructions appended (on a new paragraph if the prompt has lines)."""
+    return prompt.rstrip() + ("\n\n" if "\n" in prompt.strip() else " ") + " ".join(instructions)
+
+
+@dataclass(frozen=True)
+class Constrained:
+    ids: list[str]
+    kwargs: list[dict]
+    prompt: str  # base prompt + instruction text
+    response: str  # the answer transformed to satisfy every constraint (checked)
+
+
+def constrain(ex: Example, primary: str, counts: Counter, rng: random.Random) -> Constrained | None:
+    """Ask ``ex`` for ``primary`` (plus, sometimes, the least-used compatible type); None if it cannot work."""
+    if not is_applicable(primary, ex.answer):
+        return None
+    ids = [primary]
+    if rng.random() < SECOND_CONSTRAINT_P:
+        options = [t for t in TYPES if compatible([primary, t]) and is_applicable(t, ex.answer)]
+        if options:
+            fewest = min(counts[t] for t in options)
+            ids.append(rng.choice([t for t in options if counts[t] == fewest]))
+    kwargs = [sample_kwargs(t, ex.answer, rng, ex.prompt) for t in ids]
+    response = apply_all(ex.answer, ids, kwargs, ex.prompt)
+    if count_words(response) < 2 or not all(check(t, response, kw) for t, kw in zip(ids, kwargs, strict=True)):
+        return None
+    prompt = with_instructions(ex.prompt, [describe(t, kw, rng) for t, kw in zip(ids, kwargs, strict=True)])
+    return Constrained(ids, kwargs, prompt, response)
+
+
+def constrained_stream(pool: Sequence[Example], n: int, rng: random.Random, primaries: Callable[[Counter], list[str]],
+                       finish: Callable[[Example, Constrained], str | None] = lambda ex, c: ""):
+    """Yield up to ``n`` (example, constrained, finish(...)) triples, cycling through ``pool``.
+
+    ``primaries`` proposes the types to lead with, in order; ``finish`` adds what else a row needs (e.g. the
+    rejected answer) and returns None to reject the example.
+    """
+    counts: Counter = Counter()
+    cursor = 0
+    for _ in range(n):
+        for primary in primaries(counts):
+            found = None
+            for _attempt in range(len(pool)):
+                ex = pool[cursor % len(pool)]
+                cursor += 1
+                made = constrain(ex, primary, counts, rng)
+                extra = finish(ex, made) if made is not None else None
+                if extra is not None:
+                    found = ex, made, extra
+                    break
+            if found is not None:
+                counts.update(found[1].ids)
+                yield found
+                break
+
+
+def round_robin(n_types: int = len(TYPES)) -> Callable[[Counter], list[str]]:
+    """Primaries in turn, so each type leads the same number of examples."""
+    state = {"i": 0}
+
+    def next_primaries(_counts: Counter) -> list[str]:
+        state["i"] += 1
+        return [TYPES[(state["i"] - 1) % n_types]]
+    return next_primaries
+
+
+def least_used(rng: random.Random) -> Callable[[Counter], list[str]]:
+    """Primaries ordered by how rarely they were used so far (ties broken at random)."""
+    return lambda counts: sorted(TYPES, key=lambda t: (counts[t], rng.random()))
+
+
+def user(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def assistant(content: str) -> list[dict]:
+    return [{"role": "assistant", "content": content}]
+
+
+def build_sft(training: Sequence[Example], rng: random.Random) -> list[dict]:
+    """Single-turn SFT examples, each type leading an equal share, in ``{"id", "messages"}`` format."""
+    pool = [ex for ex in training if ex.single_turn]
+    rng.shuffle(pool)
+    return [{"id": f"{ex.id}-sft{i:03d}", "messages": user(c.prompt) + assistant(c.response)}
+            for i, (ex, c, _) in enumerate(constrained_stream(pool, N_SFT, rng, round_robin()))]
+
+
+def rejected_for(ex: Example, c: Constrained, rng: random.Random, prefer_plain: bool) -> str | None:
+    """The plain answer or a near miss on one constraint; must fail a check and differ from the chosen."""
+    target = rng.choice(c.ids)
+    miss = apply_all(ex.answer, c.ids, c.kwargs, ex.prompt, miss=target)
+    options = [ex.answer, miss] if prefer_plain else [miss, ex.answer]
+    for text in options:
+        if (text != c.response and count_words(text) >= 2
+                and not all(check(t, text, kw) for t, kw in zip(c.ids, c.kwargs, strict=True))):
+            return text
+    return None
+
+
+def constraint_pairs(pool: Sequence[Example], n: int, rng: random.Random,
+                     primaries: Callable[[Counter], list[str]], tag: str) -> list[dict]:
+    """Pairs whose chosen answer satisfies the prompt's constraints and whose rejected one does not."""
+    rows: list[dict] = []
+
+    def rejected(ex: Example, c: Constrained) -> str | None:
+        return rejected_for(ex, c, rng, prefer_plain=len(rows) % 2 == 0)  # alternate plain / near miss
+
+    for i, (ex, c, text) in enumerate(constrained_stream(pool, n, rng, primaries, rejected)):
+        rows.append({"id": f"{ex.id}-{tag}{i:03d}", "kind": "constraint", "prompt": user(c.prompt),
+                     "chosen": assistant(c.response), "rejected": assistant(text),
+                     "instruction_id_list": c.ids, "kwargs": c.kwargs})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Quality pairs: correct vs wrong, answers vs rambles, stops vs runs on
+# --------------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"(?<![\w.,])\d+(?:[.,]\d+)*(?![\w])")
+_RAMBLE_OPENINGS = (
+    "What a great question! This is something a lot of people wonder about, and honestly there are so many "
+    "different ways to think about it that I had to consider where to even begin. I want to give you a "
+    "careful, thorough answer, so let me walk through my thinking before getting to the point.",
+    "Okay, so let me think about this for a moment. There are several angles I could take here, and I "
+    "considered a few of them before settling on one. I hope the way I have organised my thoughts makes "
+    "sense to you. Anyway, let's dive in and see where we end up.",
+    "Before I answer, I should say that I am going to try my best to be helpful, accurate and clear, which "
+    "is always my goal. Questions like this can be approached from many directions, and it is worth keeping "
+    "in mind that everyone's situation is a little different. With all of that said, here goes.",
+)
+_RAMBLE_CLOSINGS = (
+    "I hope this answer was helpful. As I said, this is just one way of looking at it, and there are many "
+    "others. Let me know if you want me to go over any part of it again, or explain it differently, or in "
+    "more detail, or in less detail, whatever works best for you.",
+    "Anyway, that is my take on it. I could say a lot more, and maybe I should have organised this "
+    "differently, but I think the main points are in there somewhere. Feel free to ask me to expand on any "
+    "of it, summarise it, or start over from a different angle.",
+)
+_TURN_MARKERS = (("User:", "Assistant:"), ("Human:", "AI:"), ("### User", "### Assistant"))
+
+
+def wrong_number(ex: Example, rng: random.Random) -> str | None:
+    """The answer with one key number altered (the result in maths, else the first fact-bearing number)."""
+    if "`" in ex.answer:
+        return None
+    prompt_numbers = set(_NUMBER.findall(ex.prompt))
+
+    def list_marker(m: re.Match) -> bool:
+        line_start = ex.answer.rfind("\n", 0, m.start()) + 1
+        return not ex.answer[line_start:m.start()].strip() and ex.answer[m.end():m.end() + 2] in (". ", ") ")
+
+    found = [m for m in _NUMBER.finditer(ex.answer) if m.group() not in prompt_numbers and not list_marker(m)]
+    if not found:
+        return None
+    m = found[-1] if ex.category == "math" else found[0]
+    digits = m.group()
+    new_last = str((int(digits[-1]) + rng.randint(1, 9)) % 10)
+    return ex.answer[:m.start()] + digits[:-1] + new_last + ex.answer[m.end():]
+
+
+def wrong_answer(ex: Example, others: Sequence[Example], rng: random.Random) -> str | None:
+    """A fluent answer to a different question of the same category (a wrong fact, stated confidently)."""
+    options = [o for o in others if o.category == ex.category and o.single_turn and o.id != ex.id
+               and normalise(o.prompt) != normalise(ex.prompt) and o.answer != ex.answer]
+    return rng.choice(options).answer if options else None
+
+
+def ramble(ex: Example, rng: random.Random) -> str:
+    """The answer wrapped in meta-commentary that adds nothing."""
+    shape = rng.choice(["open", "close", "both"])
+    parts = [rng.choice(_RAMBLE_OPENINGS)] if shape in ("open", "both") else []
+    parts.append(ex.answer)
+    if shape in ("close", "both"):
+        parts.append(rng.choice(_RAMBLE_CLOSINGS))
+    return "\n\n".join(parts)
+
+
+def runs_on_turn(ex: Example, others: Sequence[Example], rng: random.Random) -> str | None:
+    """The answer followed by an invented next user turn and the start of a reply to it."""
+    options = [o for o in others if o.single_turn and o.id != ex.id]
+    if not options:
+        return None
+    other = rng.choice(options)
+    user_tag, bot_tag = rng.choice(_TURN_MARKERS)
+    reply = (split_sentences(other.answer) or [other.answer])[0]
+    return f"{ex.answer}\n\n{user_tag} {other.prompt}\n{bot_tag} {reply}"
+
+
+def repeats(ex: Example, rng: random.Random) -> str:
+    """The answer followed by its last paragraph (or sentence) over again, as a looping model does."""
+    paragraphs = [p for p in ex.answer.split("\n\n") if p.strip()]
+    if "```" in ex.answer:  # splitting inside a code block would leave a stray fence: repeat it all
+        tail = ex.answer
+    elif len(paragraphs) > 1:
+        tail = paragraphs[-1]
+    else:
+        tail = (split_sentences(ex.answer) or [ex.answer])[-1]
+    return ex.answer + "".join(["\n\n" + tail.strip()] * rng.randint(1, 2))
+
+
+def quality_pairs(pool: Sequence[Example], quota: dict[str, int], rng: random.Random, tag: str) -> list[dict]:
+    """Pairs where chosen is the reference answer and rejected a wrong, rambling or run-on version of it."""
+    makers: dict[str, Callable[[Example], str | None]] = {
+        "wrong_number": lambda ex: wrong_number(ex, rng),
+        "wrong_answer": lambda ex: wrong_answer(ex, pool, rng),
+        "ramble": lambda ex: ramble(ex, rng),
+        "runs_on_turn": lambda ex: runs_on_turn(ex, pool, rng),
+        "repeats": lambda ex: repeats(ex, rng),
+    }
+    rows = []
+    for kind, wanted in quota.items():
+        order = list(pool)
+        rng.shuffle(order)
+        made = 0
+        for ex in order:
+            if made == wanted:
+                break
+            rejected = makers[kind](ex)
+            if rejected is None or rejected.strip() == ex.answer.strip():
+                continue
+            rows.append({"id": f"{ex.id}-{tag}-{kind}{made:02d}", "kind": kind, "prompt": list(ex.context),
+                         "chosen": assistant(ex.answer), "rejected": assistant(rejected),
+                         "instruction_id_list": [], "kwargs": []})
+            made += 1
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Eval prompts
+# --------------------------------------------------------------------------------------------------
+
+
+def build_eval_prompts(heldout: Sequence[Example], rng: random.Random) -> list[dict]:
+    """One IFEval-style prompt per held-out example; the least-used types go first so all are covered."""
+    counts: Counter = Counter()
+    rows = []
+    for ex in heldout:
+        for primary in sorted(TYPES, key=lambda t: (counts[t], rng.random())):
+            made = constrain(ex, primary, counts, rng)
+            if made is not None:
+                counts.update(made.ids)
+                rows.append({"key": len(rows) + 1, "prompt": made.prompt, "instruction_id_list": made.ids,
+                             "kwargs": made.kwargs, "reference": made.response, "source_id": ex.id,
+                             "category": ex.category})
+                break
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
+    """All four derived files as rows (not written); each file has its own RNG stream derived from ``seed``."""
+    training = load_training(data_dir / "instructions.jsonl")
+    training_prompts = [m["content"] for ex in training for m in ex.context if m["role"] == "user"]
+    heldout_all = load_heldout(data_dir / "heldout_prompts.jsonl")
+    heldout = drop_near_duplicates(heldout_all, training_prompts)
+    if len(heldout) < len(heldout_all):
+        print(f"dropped {len(heldout_all) - len(heldout)} held-out prompts that duplicate training prompts")
+
+    def stream(name: str) -> random.Random:
+        return random.Random(f"{seed}:{name}")
+
+    single = [ex for ex in training if ex.single_turn]
+    pref_rng, eval_pref_rng = stream("preferences"), stream("eval_preferences")
+    pool = list(single)
+    pref_rng.shuffle(pool)
+    eval_pool = list(heldout)
+    eval_pref_rng.shuffle(eval_pool)
+    return {
+        "sft_constraints.jsonl": build_sft(training, stream("sft")),
+        "preferences.jsonl": constraint_pairs(pool, N_CONSTRAINT_PAIRS, pref_rng, round_robin(), "pref")
+        + quality_pairs(training, {k: v[0] for k, v in QUALITY_QUOTA.items()}, pref_rng, "pref"),
+        "eval_prompts.jsonl": build_eval_prompts(heldout, stream("eval_prompts")),
+        "eval_preferences.jsonl": constraint_pairs(eval_pool, N_EVAL_CONSTRAINT_PAIRS, eval_pref_rng,
+                                                   least_used(eval_pref_rng), "evalpref")
+        + quality_pairs(heldout, {k: v[1] for k, v in QUALITY_QUOTA.items()}, eval_pref_rng, "evalpref"),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=REPO / "data",
+                        help="where instructions.jsonl and heldout_prompts.jsonl are (default: data/)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="where to write (default: the data dir)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out_dir = args.out_dir or args.data_dir
+    files = build(args.data_dir, args.seed)
+    for name, rows in files.items():
+        write_jsonl(out_dir / name, rows)
+        kinds = Counter(r.get("kind") for r in rows if "kind" in r)
+        print(f"{out_dir / name}: {len(rows)} rows" + (f" {dict(sorted(kinds.items()))}" if kinds else ""))
+    types = Counter(t for r in files["eval_prompts.jsonl"] for t in r["instruction_id_list"])
+    print(f"eval prompts per constraint type: min {min(types[t] for t in TYPES)}, max {max(types.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

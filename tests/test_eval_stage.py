@@ -1,0 +1,58 @@
+"""The eval stage end to end on the tiny model, and the scoring it relies on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import write_jsonl
+
+from pipeline.config import validate_recipe
+from pipeline.evaluation import score_generations
+from pipeline.runner import run_recipe
+
+PROMPTS = [
+    {"key": 1, "prompt": "Describe the sea. Answer in all lowercase letters.",
+     "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]},
+    {"key": 2, "prompt": "Name a fruit. Do not use any commas.",
+     "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+    {"key": 3, "prompt": "Say hi. End your response with the exact phrase 'Is there anything else?'",
+     "instruction_id_list": ["startend:end_checker"], "kwargs": [{"end_phrase": "Is there anything else?"}]},
+]
+
+
+def test_score_generations_counts_compliance_and_constraints():
+    outputs = [
+        {"text": "the sea is wide.", "stopped": True, "new_tokens": 5},
+        {"text": "Apples, pears", "stopped": True, "new_tokens": 4},
+        {"text": "Hi. Is there anything else?", "stopped": False, "new_tokens": 9},
+    ]
+    metrics = score_generations(PROMPTS, outputs)
+    assert metrics["format_compliance"] == round(2 / 3, 4)
+    assert metrics["prompt_level_strict"] == round(2 / 3, 4)
+    assert metrics["per_type_strict"]["punctuation:no_comma"] == 0.0
+    assert metrics["per_type_strict"]["change_case:english_lowercase"] == 1.0
+    assert metrics["mean_new_tokens"] == 6.0
+
+
+def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):
+    prompts = write_jsonl(tmp_path / "eval_prompts.jsonl", PROMPTS)
+    tiny_recipe["eval"] = {"prompts": str(prompts), "max_new_tokens": 6, "batch_size": 2, "num_samples": 2}
+    recipe = validate_recipe(tiny_recipe)
+    actions = {o.stage: o.action for o in run_recipe(recipe, log=lambda _: None)}
+    assert actions == {"prepare": "ran", "sft": "ran", "dpo": "ran", "eval": "ran"}
+    out = Path(tiny_recipe["output_dir"]) / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"base", "sft", "dpo"}
+    for name in ("sft", "dpo"):
+        assert 0.0 <= metrics[name]["implicit_reward_acc"] <= 1.0
+        assert metrics[name]["heldout_loss"] > 0
+    assert "implicit_reward_acc" not in metrics["base"]
+    for png in ("loss_curves.png", "comparison.png", "per_type.png"):
+        assert (out / png).stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "| format_compliance |" in report and "**dpo**" in report
+    rows = [json.loads(line) for line in (out / "generations_dpo.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["new_tokens"] <= 6 for r in rows)
+    # re-running finds everything up to date
+    assert {o.action for o in run_recipe(recipe, log=lambda _: None)} == {"skipped"}
