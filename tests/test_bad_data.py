@@ -16,7 +16,8 @@ from pipeline.data.formats import MAX_LINE_BYTES, MAX_ROW_CHARS, load_preference
 from pipeline.errors import DataError
 
 BAD = Path(__file__).parent / "data" / "bad"
-GOOD_CHAT = {"messages": [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi there."}]}
+GOOD_CHAT = {"messages": [{"role": "user", "content": "Hello?"},
+                          {"role": "assistant", "content": "Hi there."}]}
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ CASES = [
     drop("unknown_role.jsonl", 1, {"unknown_role": 3}, {n: "unknown_role" for n in range(2, 5)}),
     drop("non_alternating.jsonl", 1, {"non_alternating": 2}, {2: "non_alternating", 3: "non_alternating"}),
     drop("ends_on_user.jsonl", 1, {"ends_with_user": 1}, {2: "ends_with_user"}),
-    drop("no_assistant_turn.jsonl", 1, {"no_assistant_turn": 4}, {n: "no_assistant_turn" for n in range(2, 6)}),
+    drop("no_assistant_turn.jsonl", 1, {"no_assistant_turn": 4},
+         {n: "no_assistant_turn" for n in range(2, 6)}),
     drop("starts_with_assistant.jsonl", 1, {"starts_with_assistant": 1}, {2: "starts_with_assistant"}),
     drop("misplaced_system.jsonl", 1, {"misplaced_system": 1}, {2: "misplaced_system"}),
     drop("chosen_equals_rejected.jsonl", 1, {"chosen_equals_rejected": 3},
@@ -95,8 +97,8 @@ CASES = [
                                 r"JSON object per line"),
     error("trailing_garbage.json", r"trailing_garbage\.json:3: invalid JSON \(extra content after"),
     error("not_parquet.parquet", r"not_parquet\.parquet: cannot be read as Parquet"),
-    error("format_mismatch.jsonl", r"format_mismatch\.jsonl:1: format 'alpaca' was given but no row has any of "
-                                   r"its fields .*looks like 'sharegpt'", format="alpaca"),
+    error("format_mismatch.jsonl", r"format_mismatch\.jsonl:1: format 'alpaca' was given but no row has "
+                                   r"any of its fields .*looks like 'sharegpt'", format="alpaca"),
     error("all_rows_dropped.jsonl", r"all_rows_dropped\.jsonl:1: no usable rows: 2 read, 2 dropped "
                                     r"\(invalid_json: 1, no_assistant_turn: 1\)"),
     error("parquet_wrong_types.parquet", r"parquet_wrong_types\.parquet:1: no usable rows: 2 read, 2 dropped "
@@ -203,4 +205,4 @@ def test_huge_single_line_is_skipped_without_holding_it_in_memory(tmp_path: Path
     assert report["drop_reasons"] == {"too_long": 1} and len(rows) == 1
     # Measured: ~4.8 MB peak for a 12.8 MB line; reading the line whole would need at least 12.8 MB.
     size = path.stat().st_size
-    assert peak < 4 * MAX_LINE_BYTES < size, f"peak {peak / 1e6:.1f} MB while skipping a {size / 1e6:.0f} MB line"
+    assert peak < 4 * MAX_LINE_BYTES < size, f"peak {peak / 1e6:.1f} MB skipping a {size / 1e6:.0f} MB line"

@@ -1,4 +1,4 @@
-"""Readers and normaliser in pipeline/data/formats.py: each format, detection, dedup, report, control tokens."""
+"""pipeline/data/formats.py: each format, detection, dedup, the report, control-token neutralisation."""
 
 from __future__ import annotations
 
@@ -60,15 +60,18 @@ def test_public_constants_name_the_source_keys_and_formats():
 
 
 def test_alpaca_input_is_appended_after_a_blank_line_and_system_comes_first(tmp_path):
-    row = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour", "system": "Be brief."}
+    row = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour",
+           "system": "Be brief."}
     assert sft_one(tmp_path, row) == [{"messages": [
-        msg("system", "Be brief."), msg("user", "Translate to French.\n\nGood morning"), msg("assistant", "Bonjour"),
+        msg("system", "Be brief."), msg("user", "Translate to French.\n\nGood morning"),
+        msg("assistant", "Bonjour"),
     ]}]
 
 
 def test_alpaca_empty_input_and_null_system_are_omitted(tmp_path):
     row = {"instruction": "Name a colour.", "input": "", "output": "Blue.", "system": None}
-    assert sft_one(tmp_path, row) == [{"messages": [msg("user", "Name a colour."), msg("assistant", "Blue.")]}]
+    assert sft_one(tmp_path, row) == [{"messages": [msg("user", "Name a colour."),
+                                                    msg("assistant", "Blue.")]}]
 
 
 def test_sharegpt_roles_are_normalised_and_top_level_system_is_prepended(tmp_path):
@@ -85,7 +88,8 @@ def test_sharegpt_roles_are_normalised_and_top_level_system_is_prepended(tmp_pat
 
 def test_sharegpt_system_turn_wins_over_top_level_system_and_empty_system_turns_vanish(tmp_path):
     row = {"system": "ignored", "conversations": [
-        {"from": "system", "value": "Inline system."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"},
+        {"from": "system", "value": "Inline system."}, {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Yo"},
     ]}
     assert sft_one(tmp_path, row)[0]["messages"][0] == msg("system", "Inline system.")
     row = {"conversations": [{"from": "system", "value": ""}, {"from": "human", "value": "Hi"},
@@ -94,30 +98,35 @@ def test_sharegpt_system_turn_wins_over_top_level_system_and_empty_system_turns_
 
 
 def test_messages_content_is_kept_byte_for_byte(tmp_path):
-    row = {"messages": [msg("user", "  padded question \n"), msg("assistant", "\tanswer with tab\n\n")], "id": 3}
+    row = {"messages": [msg("user", "  padded question \n"), msg("assistant", "\tanswer with tab\n\n")],
+           "id": 3}
     assert sft_one(tmp_path, row) == [{"messages": row["messages"]}]
 
 
 def test_prompt_completion_strings_become_one_user_and_one_assistant_turn(tmp_path):
     row = {"prompt": "Capital of France?", "completion": "Paris."}
-    assert sft_one(tmp_path, row) == [{"messages": [msg("user", "Capital of France?"), msg("assistant", "Paris.")]}]
+    assert sft_one(tmp_path, row) == [{"messages": [msg("user", "Capital of France?"),
+                                                    msg("assistant", "Paris.")]}]
 
 
 def test_prompt_completion_message_lists_are_concatenated(tmp_path):
     row = {"prompt": [msg("system", "Terse."), msg("user", "2+2?")], "completion": [msg("assistant", "4")]}
-    assert sft_one(tmp_path, row) == [{"messages": [msg("system", "Terse."), msg("user", "2+2?"), msg("assistant", "4")]}]
+    assert sft_one(tmp_path, row) == [{"messages": [msg("system", "Terse."), msg("user", "2+2?"),
+                                                    msg("assistant", "4")]}]
 
 
 def test_preference_with_string_prompt_becomes_trl_conversational_format(tmp_path):
     row = {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}
     assert pref_one(tmp_path, row) == [{
-        "prompt": [msg("user", "Say hi.")], "chosen": [msg("assistant", "Hi!")], "rejected": [msg("assistant", "No.")],
+        "prompt": [msg("user", "Say hi.")], "chosen": [msg("assistant", "Hi!")],
+        "rejected": [msg("assistant", "No.")],
     }]
 
 
 def test_preference_message_lists_keep_a_leading_system_and_earlier_turns(tmp_path):
     prompt = [msg("system", "Be nice."), msg("user", "Hi"), msg("assistant", "Hello"), msg("user", "Joke?")]
-    row = {"prompt": prompt, "chosen": [msg("assistant", "Knock knock.")], "rejected": [msg("assistant", "No.")]}
+    row = {"prompt": prompt, "chosen": [msg("assistant", "Knock knock.")],
+           "rejected": [msg("assistant", "No.")]}
     assert pref_one(tmp_path, row) == [{
         "prompt": prompt, "chosen": [msg("assistant", "Knock knock.")], "rejected": [msg("assistant", "No.")],
     }]
@@ -125,7 +134,8 @@ def test_preference_message_lists_keep_a_leading_system_and_earlier_turns(tmp_pa
 
 def test_preference_implicit_prompt_is_the_shared_leading_messages(tmp_path):
     shared = [msg("user", "Hi"), msg("assistant", "Hello"), msg("user", "Joke?")]
-    row = {"chosen": [*shared, msg("assistant", "Knock knock.")], "rejected": [*shared, msg("assistant", "No.")]}
+    row = {"chosen": [*shared, msg("assistant", "Knock knock.")],
+           "rejected": [*shared, msg("assistant", "No.")]}
     assert pref_one(tmp_path, row) == [{
         "prompt": shared, "chosen": [msg("assistant", "Knock knock.")], "rejected": [msg("assistant", "No.")],
     }]
@@ -136,7 +146,8 @@ def test_preference_answers_that_repeat_the_prompt_have_it_stripped(tmp_path):
     row = {"prompt": "Q?", "chosen": [msg("user", "Q?"), msg("assistant", "A.")],
            "rejected": [msg("user", "Q?"), msg("assistant", "B.")]}
     assert pref_one(tmp_path, row) == [{
-        "prompt": [msg("user", "Q?")], "chosen": [msg("assistant", "A.")], "rejected": [msg("assistant", "B.")],
+        "prompt": [msg("user", "Q?")], "chosen": [msg("assistant", "A.")],
+        "rejected": [msg("assistant", "B.")],
     }]
 
 
@@ -258,8 +269,8 @@ def test_report_counts_reconcile_per_source_and_in_total(tmp_path):
 
 
 def test_report_examples_name_line_reason_and_what_is_wrong(tmp_path):
-    path = write_lines(tmp_path / "x.jsonl", [{"instruction": "Q?", "output": "A"},
-                                              {"messages": [msg("user", "Hi"), {"role": "assistant", "content": 5}]}])
+    bad = {"messages": [msg("user", "Hi"), {"role": "assistant", "content": 5}]}
+    path = write_lines(tmp_path / "x.jsonl", [{"instruction": "Q?", "output": "A"}, bad])
     _, report = load_sft_examples([{"path": path}])
     assert report["sources"][0]["examples"] == [
         {"line": 2, "reason": "wrong_type", "detail": "messages[1].content is int, expected a string"}]

@@ -273,7 +273,8 @@ def _check_source_outcome(spec: _Source, report: _SourceReport) -> None:
         looks = f"; the first row looks like {detected!r}" if detected else ""
         fields = ", ".join(_SIGNATURES[spec.format])
         raise DataError(f"format {spec.format!r} was given but no row has any of its fields "
-                        f"({fields}){looks}. Fix `format` in the recipe or leave it out to detect the format per row.",
+                        f"({fields}){looks}. Fix `format` in the recipe or leave it out to detect the format "
+                        "per row.",
                         path=spec.path, line=line)
     if report.kept == 0:
         first = report.examples[0] if report.examples else None
@@ -425,8 +426,9 @@ def _hub_rows(spec: _Source) -> Iterator[tuple[int, Any]]:
                       for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
         if offline:
             raise DataError("is not a local file, and the Hub dataset isn't available offline "
-                            "(HF_HUB_OFFLINE=1, not in the local cache). Download it once with network access, or point `path` "
-                            "at a local .jsonl/.json/.parquet file.", path=spec.path) from exc
+                            "(HF_HUB_OFFLINE=1, not in the local cache). Download it once with network "
+                            "access, or point `path` at a local .jsonl/.json/.parquet file.",
+                            path=spec.path) from exc
         raise DataError(f"is not a local file, and loading it from the Hugging Face Hub failed ({exc}). "
                         "Check the dataset id, `subset` and `split`, or point `path` at a local file.",
                         path=spec.path) from exc
@@ -658,8 +660,8 @@ def _type_name(value: Any) -> str:
 
 
 def _keys(record: dict) -> str:
-    names = [str(key) for key in record][:8]
-    return ", ".join(names) + (", ..." if len(record) > 8 else "") if names else "none"
+    names = [str(key) for key, value in record.items() if value is not None]  # null columns say nothing
+    return (", ".join(names[:8]) + (", ..." if len(names) > 8 else "")) or "none"
 
 
 # --------------------------------------------------------------------------------------- control tokens

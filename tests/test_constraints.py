@@ -1,0 +1,379 @@
+"""Spec tests for pipeline.data.constraints: every registered type is checked, applied, described.
+
+The parametrized tests run over the registry itself, so registering a new type without adding its
+hand-written cases to ``CASES`` fails here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+
+import pytest
+
+from pipeline.data import constraints as C
+from pipeline.errors import PipelineError
+
+REGISTRY = sorted(C.CONSTRAINTS)
+
+# Per type: kwargs, responses that pass and fail the strict check, and a response that fails strictly
+# but passes loosely (None where no loose variant can rescue a response, e.g. too few highlights).
+CASES: dict[str, dict] = {
+    "length_constraints:number_words": {
+        "kwargs": {"num_words": 5, "relation": "less than"},
+        "pass": ["Paris is the capital.", "It's well-known."],
+        "fail": ["Paris is the capital of France."],
+        "loose": "Sure, here is my answer in brief:\nParis it is.",
+    },
+    "length_constraints:number_sentences": {
+        "kwargs": {"num_sentences": 3, "relation": "less than"},
+        "pass": ["It rains. Take an umbrella.", "See e.g. the forecast. It says rain."],
+        "fail": ["It rains. Take an umbrella. Stay dry."],
+        "loose": "Here is my answer. It is short.\nIt rains. Take an umbrella.",
+    },
+    "length_constraints:number_paragraphs": {
+        "kwargs": {"num_paragraphs": 2},
+        "pass": ["First part.\n\n***\n\nSecond part."],
+        "fail": ["First part.\n\nSecond part.", "First part.\n\n***\n\n***\n\nSecond part."],
+        "loose": "First part.\n***\nSecond part.\n***",
+    },
+    "detectable_format:number_bullet_lists": {
+        "kwargs": {"num_bullets": 2},
+        "pass": ["* one\n* two", "Intro:\n- one\n- two"],
+        "fail": ["* one\n* two\n* three", "1. one\n2. two"],
+        "loose": "Here you go:\n* one\n* two\n- not really a point",
+    },
+    "detectable_format:json_format": {
+        "kwargs": {},
+        "pass": ['{"answer": "yes"}', '```json\n{"a": 1}\n```'],
+        "fail": ['Sure! {"answer": "yes"}', "{answer: yes}"],
+        "loose": 'Here is the JSON:\n{"answer": "yes"}',
+    },
+    "detectable_format:title": {
+        "kwargs": {},
+        "pass": ["<<Rain>>\n\nIt rains.", "It rains. <<A late title>>"],
+        "fail": ["# Rain\n\nIt rains.", "<<>> It rains."],
+        "loose": None,
+    },
+    "detectable_format:number_highlighted_sections": {
+        "kwargs": {"num_highlights": 2},
+        "pass": ["*One.* and *two*.", "**Bold** counts, *so does this*."],
+        "fail": ["*One.* and two.", "* one\n* two"],
+        "loose": None,
+    },
+    "detectable_format:multiple_sections": {
+        "kwargs": {"section_spliter": "Section", "num_sections": 2},
+        "pass": ["Section 1\nA.\n\nSection 2\nB."],
+        "fail": ["Section 1\nA.\n\nPart 2\nB.", "Section 1\nA and B."],
+        "loose": "**Section 1**\nA.\n**Section 2**\nB.",
+    },
+    "change_case:english_lowercase": {
+        "kwargs": {},
+        "pass": ["all quiet here.", "it is 5 °c today."],
+        "fail": ["All quiet here.", "1234"],
+        "loose": "Sure! Here it is:\nall quiet here.",
+    },
+    "change_case:english_capital": {
+        "kwargs": {},
+        "pass": ["ALL QUIET HERE.", "IT IS 5 °C."],
+        "fail": ["ALL QUIET here.", "1234"],
+        "loose": "Here it is:\nALL QUIET HERE.",
+    },
+    "keywords:existence": {
+        "kwargs": {"keywords": ["rain", "umbrella"]},
+        "pass": ["Rain is coming, bring an umbrella.", "RAIN. UMBRELLA."],
+        "fail": ["Rain is coming.", "Rainy days call for umbrellas."],
+        "loose": None,
+    },
+    "keywords:forbidden_words": {
+        "kwargs": {"forbidden_words": ["rain"]},
+        "pass": ["Bring an umbrella; rainy days are common.", "It pours."],
+        "fail": ["Rain is coming.", "Expect heavy rain."],
+        "loose": "Rain incoming!\nBring an umbrella.",
+    },
+    "keywords:frequency": {
+        "kwargs": {"keyword": "rain", "frequency": 2, "relation": "at least"},
+        "pass": ["Rain, rain, go away.", "rain and more RAIN"],
+        "fail": ["Rain, go away.", "Rain and rainbows."],
+        "loose": None,
+    },
+    "startend:end_checker": {
+        "kwargs": {"end_phrase": "Any other questions?"},
+        "pass": ["It rains. Any other questions?", "It rains. any other questions?  \n"],
+        "fail": ["It rains. Any other questions? Bye.", "It rains."],
+        "loose": "It rains. Any other questions?\n(end of answer)",
+    },
+    "startend:quotation": {
+        "kwargs": {},
+        "pass": ['"It rains."', '  "It rains.\nIt pours."  '],
+        "fail": ["It rains.", "'It rains.'", '"'],
+        "loose": 'Answer:\n"It rains."',
+    },
+    "punctuation:no_comma": {
+        "kwargs": {},
+        "pass": ["It rains so bring a coat.", "It costs 1000 euros."],
+        "fail": ["It rains, so bring a coat.", "It costs 1,000 euros."],
+        "loose": "Sure, here:\nIt rains.",
+    },
+    "detectable_content:postscript": {
+        "kwargs": {"postscript_marker": "P.S."},
+        "pass": ["It rains.\n\nP.S. Bring a coat.", "It rains.\np.s. bring a coat."],
+        "fail": ["It rains. PS bring a coat.", "It rains.\n\nNote: bring a coat."],
+        "loose": "It rains.\n\n**P.S.** Bring a coat.",
+    },
+    "combination:repeat_prompt": {
+        "kwargs": {"prompt_to_repeat": "Is it raining?"},
+        "pass": ["Is it raining?\n\nYes.", "  is it raining? Yes."],
+        "fail": ["You asked: Is it raining? Yes.", "Yes. Is it raining?"],
+        "loose": "Sure.\nIs it raining?\nYes.",
+    },
+    "combination:two_responses": {
+        "kwargs": {},
+        "pass": ["Yes.\n******\nProbably yes."],
+        "fail": ["Yes.\n******\nYes.", "Yes.\n---\nNo.", "Yes.\n******\nNo.\n******\nMaybe."],
+        "loose": "Here are two:\nYes.\n******\nNo.\n******",
+    },
+}
+
+# Every phrasing of a type must mention what the constraint is about (its number, word, phrase, ...).
+DESCRIBE_MUST_MENTION = {
+    "detectable_format:json_format": r"JSON",
+    "detectable_format:title": r"<<",
+    "change_case:english_lowercase": r"lowercase|capital letters",
+    "change_case:english_capital": r"capital|uppercase",
+    "startend:quotation": r"quot",
+    "punctuation:no_comma": r"comma",
+    "combination:repeat_prompt": r"request",
+    "combination:two_responses": r"\*{6}",
+}
+
+# Answers (with the prompt they answer) that apply() must make compliant.
+ANSWERS = [
+    ("Why is the sky blue?",
+     "Sunlight contains all colours, and air molecules scatter short blue wavelengths much more than red ones. "
+     "That scattered blue light reaches your eyes from every direction, e.g. when you look up at noon. "
+     "At sunset the light crosses more air, so the blue is scattered away and reds remain."),
+    ("How do I change a flat bicycle tyre?",
+     "You will need tyre levers and a new tube.\n1. Take the wheel off the bike.\n2. Lever one side of the tyre "
+     "off the rim and pull out the old tube.\n3. Fit the new tube, push the tyre back on and pump it up."),
+    ("What is the capital of Australia?",
+     "Canberra is the capital of Australia. It became the seat of government in 1927, as a compromise "
+     "between Sydney and Melbourne."),
+    ("Give me three ideas for a rainy afternoon.",
+     "- Bake bread together and eat it warm\n- Build a blanket fort and read comics inside\n"
+     "- Hold a board game tournament with silly prizes"),
+    ("How can I sleep better?",
+     "Keep a regular schedule, going to bed and getting up at the same time every day. A cool, dark and quiet "
+     "bedroom helps.\n\nCut caffeine after lunch and avoid screens in the last hour before bed. If you cannot "
+     "sleep after twenty minutes, get up and do something calm until you feel sleepy."),
+    ("What is 12 times 7?", "12 × 7 = 84."),
+    ("How do I reverse a list in Python?",
+     "Use slicing or the built-in method:\n\n```python\nitems = [1, 2, 3]\nprint(items[::-1])\nitems.reverse()\n```"
+     "\n\nSlicing returns a new list, while `reverse()` changes the list in place."),
+]
+SEEDS = range(4)
+
+
+def _applicable_cases(instruction_id: str):
+    for (prompt, answer), seed in itertools.product(ANSWERS, SEEDS):
+        if C.is_applicable(instruction_id, answer):
+            yield prompt, answer, seed
+
+
+@pytest.mark.parametrize("instruction_id", REGISTRY)
+def test_strict_check_accepts_compliant_responses(instruction_id):
+    case = CASES[instruction_id]
+    for response in case["pass"]:
+        assert C.check(instruction_id, response, case["kwargs"]), response
+
+
+@pytest.mark.parametrize("instruction_id", REGISTRY)
+def test_strict_check_rejects_violating_responses(instruction_id):
+    case = CASES[instruction_id]
+    for response in case["fail"]:
+        assert not C.check(instruction_id, response, case["kwargs"]), response
+
+
+@pytest.mark.parametrize("instruction_id", REGISTRY)
+def test_loose_check_rescues_framing_lines_and_markdown_but_strict_does_not(instruction_id):
+    case = CASES[instruction_id]
+    if case["loose"] is None:  # declared not meaningful: loose must still reject every failing case
+        assert not any(C.check_loose(instruction_id, r, case["kwargs"]) for r in case["fail"])
+        return
+    assert not C.check(instruction_id, case["loose"], case["kwargs"])
+    assert C.check_loose(instruction_id, case["loose"], case["kwargs"])
+
+
+@pytest.mark.parametrize("instruction_id", REGISTRY)
+def test_apply_output_passes_check_for_sampled_kwargs(instruction_id):
+    cases = list(_applicable_cases(instruction_id))
+    assert len(cases) >= 8, "too few applicable answers to test this type; add answers to ANSWERS"
+    for prompt, answer, seed in cases:
+        kwargs = C.sample_kwargs(instruction_id, answer, random.Random(seed), prompt)
+        out = C.apply(instruction_id, answer, kwargs, prompt)
+        assert C.check(instruction_id, out, kwargs), (kwargs, out)
+
+
+@pytest.mark.parametrize("instruction_id", REGISTRY)
+def test_near_miss_fails_check(instruction_id):
+    for prompt, answer, seed in _applicable_cases(instruction_id):
+        kwargs = C.sample_kwargs(instruction_id, answer, random.Random(seed), prompt)
+        miss = C.near_miss(instruction_id, answer, kwargs)
+        if instruction_id == "change_case:english_capital" and C.count_sentences(answer) < 2:
+            continue  # no second sentence to leave in lower case
+        assert not C.check(instruction_id, miss, kwargs), (kwargs, miss)
+
+
+@pytest.mark.parametrize("instruction_id", REGISTRY)
+def test_apply_is_deterministic(instruction_id):
+    prompt, answer, seed = next(_applicable_cases(instruction_id))
+    kwargs = C.sample_kwargs(instruction_id, answer, random.Random(seed), prompt)
+    assert C.sample_kwargs(instruction_id, answer, random.Random(seed), prompt) == kwargs
+    assert C.apply(instruction_id, answer, kwargs, prompt) == C.apply(instruction_id, answer, kwargs, prompt)
+
+
+@pytest.mark.parametrize("instruction_id", REGISTRY)
+def test_describe_mentions_key_parameter_in_every_phrasing(instruction_id):
+    kwargs = CASES[instruction_id]["kwargs"]
+    phrasings = {C.describe(instruction_id, kwargs, i) for i in range(6)}
+    assert len(phrasings) >= 2, "each type should have a few phrasings"
+    for text in phrasings:
+        for name, value in kwargs.items():
+            if name in ("relation", "prompt_to_repeat"):  # phrased in words / is the prompt itself
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                assert str(item) in text, (item, text)
+        if instruction_id in DESCRIBE_MUST_MENTION:
+            assert re.search(DESCRIBE_MUST_MENTION[instruction_id], text, re.I), text
+
+
+def test_describe_picks_phrasing_deterministically_from_rng():
+    kwargs = {"num_words": 40, "relation": "at least"}
+    first = [C.describe("length_constraints:number_words", kwargs, random.Random(s)) for s in range(10)]
+    again = [C.describe("length_constraints:number_words", kwargs, random.Random(s)) for s in range(10)]
+    assert first == again and len(set(first)) > 1
+    assert C.describe("length_constraints:number_words", kwargs) == first[0] or "40" in first[0]
+
+
+def test_no_comma_rejects_response_with_comma():
+    assert not C.check("punctuation:no_comma", "Yes, it does.", {})
+
+
+def test_number_words_at_least_counts_contractions_and_hyphenated_words_once():
+    kwargs = {"num_words": 4, "relation": "at least"}
+    assert C.count_words("It's a well-known fact.") == 4
+    assert C.check("length_constraints:number_words", "It's a well-known fact.", kwargs)
+    assert not C.check("length_constraints:number_words", "It's well-known.", kwargs)
+
+
+def test_sentence_count_ignores_abbreviations_decimals_list_markers_and_titles():
+    text = "<<Title>>\nPi is about 3.14, e.g. in circles.\n1. First step.\n2. Second step!\n***\nP.S. Done."
+    assert C.split_sentences(text) == ["Pi is about 3.14, e.g. in circles.", "First step.", "Second step!",
+                                       "P.S. Done."]
+
+
+def test_number_words_apply_cuts_at_a_sentence_boundary():
+    answer = ANSWERS[0][1]
+    out = C.apply("length_constraints:number_words", answer, {"num_words": 40, "relation": "less than"})
+    assert C.count_words(out) < 40 and out.endswith(".") and answer.startswith(out)
+
+
+def test_sampled_less_than_word_limit_binds_on_the_original_answer():
+    answer = ANSWERS[0][1]
+    for seed in range(20):
+        kwargs = C.sample_kwargs("length_constraints:number_words", answer, random.Random(seed))
+        if kwargs["relation"] == "less than":
+            assert not C.check("length_constraints:number_words", answer, kwargs)
+
+
+def test_loose_variants_drop_first_and_last_lines_and_asterisks():
+    variants = C.loose_variants("Intro\n*body*\nOutro")
+    assert {"Intro\n*body*\nOutro", "*body*\nOutro", "Intro\n*body*", "*body*", "body"} <= set(variants)
+
+
+def test_repeat_prompt_check_falls_back_to_the_prompt_argument():
+    assert C.check("combination:repeat_prompt", "Is it raining? Yes.", {}, prompt="Is it raining?")
+
+
+def test_incompatible_pairs_are_declared_symmetrically():
+    assert not C.compatible(["change_case:english_lowercase", "change_case:english_capital"])
+    assert not C.compatible(["change_case:english_capital", "change_case:english_lowercase"])
+    assert not C.compatible(["detectable_format:json_format", "detectable_format:number_bullet_lists"])
+    assert not C.compatible(["startend:quotation", "startend:end_checker"])
+    assert not C.compatible(["punctuation:no_comma", "punctuation:no_comma"])
+    assert C.compatible(["punctuation:no_comma", "change_case:english_lowercase"])
+
+
+def test_every_compatible_pair_can_be_satisfied_together():
+    unsatisfied = []
+    for a, b in itertools.combinations(REGISTRY, 2):
+        if not C.compatible([a, b]):
+            continue
+        ok = False
+        for (prompt, answer), seed in itertools.product(ANSWERS, SEEDS):
+            if not (C.is_applicable(a, answer) and C.is_applicable(b, answer)):
+                continue
+            rng = random.Random(seed)
+            kwargs = [C.sample_kwargs(t, answer, rng, prompt) for t in (a, b)]
+            out = C.apply_all(answer, [a, b], kwargs, prompt)
+            if C.evaluate_response(out, [a, b], kwargs, prompt)["prompt_strict"]:
+                ok = True
+                break
+        if not ok:
+            unsatisfied.append((a, b))
+    assert unsatisfied == [], "declare these pairs in _CONFLICT_LIST or make apply() compose"
+
+
+def test_apply_all_with_miss_breaks_only_the_named_constraint():
+    prompt, answer = ANSWERS[0]
+    ids = ["change_case:english_lowercase", "startend:end_checker"]
+    kwargs = [{}, {"end_phrase": "Hope this helps!"}]
+    rejected = C.apply_all(answer, ids, kwargs, prompt, miss="startend:end_checker")
+    result = C.evaluate_response(rejected, ids, kwargs, prompt)
+    assert result["strict"] == [True, False] and not result["prompt_strict"]
+
+
+def test_evaluate_response_reports_strict_loose_and_prompt_level():
+    response = "Here you go:\nrain, rain, go away."
+    ids = ["change_case:english_lowercase", "keywords:frequency"]
+    kwargs = [{}, {"keyword": "rain", "frequency": 2, "relation": "at least"}]
+    result = C.evaluate_response(response, ids, kwargs, prompt="Sing about rain.")
+    assert result["strict"] == [False, True] and result["loose"] == [True, True]
+    assert not result["prompt_strict"] and result["prompt_loose"]
+
+
+def test_evaluate_response_ignores_null_kwargs_as_in_ifeval_files():
+    kwargs = [{"num_bullets": 2, "keywords": None, "relation": None}]
+    result = C.evaluate_response("* a\n* b", ["detectable_format:number_bullet_lists"], kwargs)
+    assert result["prompt_strict"]
+
+
+def test_aggregate_computes_prompt_and_instruction_level_accuracy():
+    results = [
+        C.evaluate_response("all good.", ["change_case:english_lowercase", "punctuation:no_comma"], [{}, {}]),
+        C.evaluate_response("Not, good.", ["change_case:english_lowercase", "punctuation:no_comma"], [{}, {}]),
+    ]
+    summary = C.aggregate(results)
+    assert summary["prompt_level_strict"] == 0.5 and summary["instruction_level_strict"] == 0.5
+    assert summary["per_type_strict"]["punctuation:no_comma"] == 0.5
+
+
+def test_unknown_instruction_id_raises_pipeline_error_listing_supported_ids():
+    with pytest.raises(PipelineError, match="Supported ids: .*punctuation:no_comma"):
+        C.check("language:response_language", "Hola", {"language": "es"})
+
+
+def test_missing_kwarg_raises_pipeline_error_naming_it():
+    with pytest.raises(PipelineError, match="num_bullets"):
+        C.check("detectable_format:number_bullet_lists", "* a", {})
+
+
+def test_mismatched_instruction_and_kwargs_lengths_raise():
+    with pytest.raises(PipelineError, match="kwargs"):
+        C.evaluate_response("x", ["punctuation:no_comma"], [])
+
+
+def test_registry_has_at_least_sixteen_types_with_ifeval_style_ids():
+    assert len(C.CONSTRAINTS) >= 16
+    assert all(re.fullmatch(r"[a-z_]+:[a-z_]+", i) and C.CONSTRAINTS[i].instruction_id == i for i in C.CONSTRAINTS)
