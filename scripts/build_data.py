@@ -15,6 +15,8 @@ Usage::
 
     python scripts/build_data.py                      # regenerate data/*.jsonl in place
     python scripts/build_data.py --out-dir /tmp/check # write elsewhere (tests compare byte for byte)
+
+Derived rows are named `<source id>/<suffix>` so every row can be traced to the prompt it came from.
 """
 
 from __future__ import annotations
@@ -78,8 +80,9 @@ class Example:
 # --------------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
-    """Rows of a JSONL file, each checked for the ``required`` fields."""
+def read_jsonl(path: Path, required: Sequence[str], problem: Callable[[dict], str | None] = lambda row: None
+               ) -> list[dict]:
+    """Rows of a JSONL file, each checked for the ``required`` fields and by ``problem`` (message or None)."""
     if not path.exists():
         raise DataError("file not found; it is hand-written and shipped with the project, restore it from git.",
                         path=str(path))
@@ -92,22 +95,24 @@ def read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
         except json.JSONDecodeError as err:
             raise DataError(f"invalid JSON ({err.msg}); fix or delete this line.", path=str(path), line=n) from None
         missing = [k for k in required if k not in row]
-        if missing:
-            raise DataError(f"row is missing {missing}; every row needs {list(required)}.", path=str(path), line=n)
+        message = f"row is missing {missing}; every row needs {list(required)}." if missing else problem(row)
+        if message:
+            raise DataError(message, path=str(path), line=n)
         rows.append(row)
     return rows
 
 
+def _conversation_problem(row: dict) -> str | None:
+    roles = [m.get("role") for m in row["messages"]]
+    if roles[-2:] != ["user", "assistant"]:
+        return "a conversation must end with a user turn followed by an assistant turn."
+    return None
+
+
 def load_training(path: Path) -> list[Example]:
     """Training conversations as examples (the last assistant turn is the answer)."""
-    examples = []
-    for n, row in enumerate(read_jsonl(path, ["id", "category", "messages"]), 1):
-        messages = row["messages"]
-        if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
-            raise DataError("a conversation must end with a user turn followed by an assistant turn.",
-                            path=str(path), line=n)
-        examples.append(Example(row["id"], row["category"], tuple(messages[:-1]), messages[-1]["content"]))
-    return examples
+    return [Example(r["id"], r["category"], tuple(r["messages"][:-1]), r["messages"][-1]["content"])
+            for r in read_jsonl(path, ["id", "category", "messages"], _conversation_problem)]
 
 
 def load_heldout(path: Path) -> list[Example]:
@@ -194,6 +199,7 @@ def constrained_stream(pool: Sequence[Example], n: int, rng: random.Random, prim
     rejected answer) and returns None to reject the example.
     """
     counts: Counter = Counter()
+    seen: set[tuple[str, str]] = set()  # (prompt, response): the same row twice would just be duplicated data
     cursor = 0
     for _ in range(n):
         for primary in primaries(counts):
@@ -202,12 +208,15 @@ def constrained_stream(pool: Sequence[Example], n: int, rng: random.Random, prim
                 ex = pool[cursor % len(pool)]
                 cursor += 1
                 made = constrain(ex, primary, counts, rng)
-                extra = finish(ex, made) if made is not None else None
+                if made is None or (made.prompt, made.response) in seen:
+                    continue
+                extra = finish(ex, made)
                 if extra is not None:
                     found = ex, made, extra
                     break
             if found is not None:
                 counts.update(found[1].ids)
+                seen.add((found[1].prompt, found[1].response))
                 yield found
                 break
 
@@ -239,7 +248,7 @@ def build_sft(training: Sequence[Example], rng: random.Random) -> list[dict]:
     """Single-turn SFT examples, each type leading an equal share, in ``{"id", "messages"}`` format."""
     pool = [ex for ex in training if ex.single_turn]
     rng.shuffle(pool)
-    return [{"id": f"{ex.id}-sft{i:03d}", "messages": user(c.prompt) + assistant(c.response)}
+    return [{"id": f"{ex.id}/sft{i:03d}", "messages": user(c.prompt) + assistant(c.response)}
             for i, (ex, c, _) in enumerate(constrained_stream(pool, N_SFT, rng, round_robin()))]
 
 
@@ -264,7 +273,7 @@ def constraint_pairs(pool: Sequence[Example], n: int, rng: random.Random,
         return rejected_for(ex, c, rng, prefer_plain=len(rows) % 2 == 0)  # alternate plain / near miss
 
     for i, (ex, c, text) in enumerate(constrained_stream(pool, n, rng, primaries, rejected)):
-        rows.append({"id": f"{ex.id}-{tag}{i:03d}", "kind": "constraint", "prompt": user(c.prompt),
+        rows.append({"id": f"{ex.id}/{tag}{i:03d}", "kind": "constraint", "prompt": user(c.prompt),
                      "chosen": assistant(c.response), "rejected": assistant(text),
                      "instruction_id_list": c.ids, "kwargs": c.kwargs})
     return rows
@@ -311,9 +320,12 @@ def wrong_number(ex: Example, rng: random.Random) -> str | None:
     if not found:
         return None
     m = found[-1] if ex.category == "math" else found[0]
-    digits = m.group()
-    new_last = str((int(digits[-1]) + rng.randint(1, 9)) % 10)
-    return ex.answer[:m.start()] + digits[:-1] + new_last + ex.answer[m.end():]
+    digits, present = m.group(), set(_NUMBER.findall(ex.answer))
+    # Change the last digit, to a number the answer does not already contain ("6 to 7" must not become "7 to 7").
+    shifts = rng.sample(range(1, 10), 9)
+    options = [digits[:-1] + str((int(digits[-1]) + k) % 10) for k in shifts]
+    wrong = next((o for o in options if o not in present), options[0])
+    return ex.answer[:m.start()] + wrong + ex.answer[m.end():]
 
 
 def wrong_answer(ex: Example, others: Sequence[Example], rng: random.Random) -> str | None:
@@ -376,7 +388,7 @@ def quality_pairs(pool: Sequence[Example], quota: dict[str, int], rng: random.Ra
             rejected = makers[kind](ex)
             if rejected is None or rejected.strip() == ex.answer.strip():
                 continue
-            rows.append({"id": f"{ex.id}-{tag}-{kind}{made:02d}", "kind": kind, "prompt": list(ex.context),
+            rows.append({"id": f"{ex.id}/{tag}-{kind}{made:02d}", "kind": kind, "prompt": list(ex.context),
                          "chosen": assistant(ex.answer), "rejected": assistant(rejected),
                          "instruction_id_list": [], "kwargs": []})
             made += 1

@@ -367,6 +367,8 @@ def test_unknown_instruction_id_raises_pipeline_error_listing_supported_ids():
 def test_missing_kwarg_raises_pipeline_error_naming_it():
     with pytest.raises(PipelineError, match="num_bullets"):
         C.check("detectable_format:number_bullet_lists", "* a", {})
+    with pytest.raises(PipelineError, match="num_words"):
+        C.describe("length_constraints:number_words", {"relation": "at least"})
 
 
 def test_mismatched_instruction_and_kwargs_lengths_raise():

@@ -325,21 +325,26 @@ _TITLE_STOP_TAIL = _STOPWORDS | {"is", "are", "the", "a", "an"}
 
 
 def _title_from(answer: str, prompt: str | None) -> str:
-    """A short title: the prompt's question when it is a short one, else the answer's opening words."""
-    first_line = (prompt or "").strip().split("\n")[0]
-    if first_line.endswith("?") and count_words(first_line) <= 9:
-        text = re.sub(r"^how (do|can) (i|you|we)\b", "How to", first_line[:-1].strip(), flags=re.I)
+    """A short sentence-case title: the prompt's question if short, else the answer's opening words.
+
+    Answers that open with a list, code, a formula or a one-word reply make poor titles; those use the
+    prompt's first clause instead.
+    """
+    question = (prompt or "").strip().split("\n")[0]
+    opening = re.split(r"[:;,.!?]\s", (split_sentences(answer) or [answer])[0] + " ")[0]
+    words = opening.split()
+    prose = len(words) >= 3 and sum(w.isalpha() for w in words) >= 0.7 * len(words)
+    if question.endswith("?") and count_words(question) <= 10:
+        text = re.sub(r"^how (do|can) (i|you|we)\b", "How to", question[:-1].strip(), flags=re.I)
+    elif prose and not _LINE_MARKER.match(answer.strip()) and not answer.lstrip().startswith("`"):
+        text = opening
     else:
-        sentences = split_sentences(answer)
-        words = (sentences[0] if sentences else answer).split()[:6]
-        while len(words) > 1 and words[-1].lower().strip(".,;:!?") in _TITLE_STOP_TAIL:
-            words.pop()
-        text = " ".join(words)
-    text = re.sub(r"[<>*\"\n]", "", text).strip(" .,;:!?") or "Answer"
-    small = {"a", "an", "and", "as", "at", "by", "for", "in", "of", "on", "or", "the", "to"}
-    words = text.split()
-    return " ".join(w if (i and w.lower() in small) or not w[:1].islower() else w[:1].upper() + w[1:]
-                    for i, w in enumerate(words))
+        text = re.split(r"[:.?!\"]", (prompt or answer).strip())[0]
+    words = re.sub(r"[<>*\"\n]", "", text).split()[:10]
+    while len(words) > 1 and words[-1].lower().strip(".,;:!?") in _TITLE_STOP_TAIL:
+        words.pop()
+    title = " ".join(words).strip(" .,;:!?") or "Answer"
+    return title[0].upper() + title[1:]
 
 
 def _highlights(response: str) -> int:
@@ -788,7 +793,11 @@ def _clean(kwargs: Kwargs | None) -> Kwargs:
 
 def describe(instruction_id: str, kwargs: Kwargs, rng: random.Random | int | None = None) -> str:
     """The natural-language instruction for a constraint; ``rng`` (a Random or an int) picks the phrasing."""
-    options = get_constraint(instruction_id).phrasings(_clean(kwargs))
+    kw = _clean(kwargs)
+    try:
+        options = get_constraint(instruction_id).phrasings(kw)
+    except KeyError as missing:
+        raise PipelineError(f"Constraint {instruction_id} needs the kwarg {missing}; got {sorted(kw)}.") from None
     if rng is None:
         return options[0]
     index = rng.randrange(len(options)) if isinstance(rng, random.Random) else rng % len(options)

@@ -1,0 +1,211 @@
+"""The derived datasets shipped in data/ parse, have the promised shape, and keep eval held out.
+
+They are produced by ``scripts/build_data.py``; the last test rebuilds them and compares byte for byte,
+so editing the inputs or the constraint code without regenerating fails here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipeline.data import constraints as C
+from pipeline.errors import DataError
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_data.py"
+DERIVED = ["sft_constraints.jsonl", "preferences.jsonl", "eval_prompts.jsonl", "eval_preferences.jsonl"]
+
+
+def read(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / name).read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def files() -> dict[str, list[dict]]:
+    return {name: read(name) for name in DERIVED + ["instructions.jsonl", "heldout_prompts.jsonl"]}
+
+
+@pytest.fixture(scope="module")
+def instructions(files) -> dict[str, dict]:
+    return {row["id"]: row for row in files["instructions.jsonl"]}
+
+
+def source_of(row_id: str) -> str:
+    """Derived rows are named ``<source id>/<suffix>``."""
+    return row_id.split("/")[0]
+
+
+def last_user(messages: list[dict]) -> str:
+    return [m["content"] for m in messages if m["role"] == "user"][-1]
+
+
+# ---- shape and counts ----------------------------------------------------------------------------
+
+
+def test_sft_constraints_are_single_turn_messages_with_appended_instructions(files, instructions):
+    rows = files["sft_constraints.jsonl"]
+    assert 240 <= len(rows) <= 260
+    assert len({r["id"] for r in rows}) == len(rows)
+    for row in rows:
+        assert set(row) == {"id", "messages"}
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+        base = last_user(instructions[source_of(row["id"])]["messages"])
+        prompt = row["messages"][0]["content"]
+        assert prompt.startswith(base) and len(prompt) > len(base) + 10
+
+
+@pytest.mark.parametrize("name, constraint_pairs, quality_pairs", [
+    ("preferences.jsonl", (280, 320), (140, 160)), ("eval_preferences.jsonl", (25, 35), (25, 35))])
+def test_preference_files_use_trl_conversational_format(files, name, constraint_pairs, quality_pairs):
+    rows = files[name]
+    kinds = Counter(r["kind"] for r in rows)
+    assert constraint_pairs[0] <= kinds.pop("constraint") <= constraint_pairs[1]
+    assert set(kinds) == {"wrong_number", "wrong_answer", "ramble", "runs_on_turn", "repeats"}
+    assert quality_pairs[0] <= sum(kinds.values()) <= quality_pairs[1]
+    assert len({r["id"] for r in rows}) == len(rows)
+    for row in rows:
+        assert {"id", "kind", "prompt", "chosen", "rejected"} <= set(row)
+        assert row["prompt"][-1]["role"] == "user"
+        assert all(m["role"] in ("system", "user", "assistant") for m in row["prompt"])
+        for side in ("chosen", "rejected"):
+            assert len(row[side]) == 1 and row[side][0]["role"] == "assistant" and row[side][0]["content"].strip()
+
+
+@pytest.mark.parametrize("name", DERIVED)
+def test_no_row_is_duplicated(files, name):
+    bodies = [json.dumps({k: v for k, v in r.items() if k not in ("id", "key")}) for r in files[name]]
+    assert len(set(bodies)) == len(bodies)
+
+
+@pytest.mark.parametrize("name", ["preferences.jsonl", "eval_preferences.jsonl"])
+def test_every_preference_pair_has_chosen_different_from_rejected(files, name):
+    assert all(r["chosen"][0]["content"] != r["rejected"][0]["content"] for r in files[name])
+
+
+@pytest.mark.parametrize("name", ["preferences.jsonl", "eval_preferences.jsonl"])
+def test_constraint_pairs_chosen_passes_every_check_and_rejected_fails_one(files, name):
+    for row in (r for r in files[name] if r["kind"] == "constraint"):
+        ids, kwargs, prompt = row["instruction_id_list"], row["kwargs"], row["prompt"][-1]["content"]
+        assert 1 <= len(ids) <= 2 and C.compatible(ids)
+        assert C.evaluate_response(row["chosen"][0]["content"], ids, kwargs, prompt)["prompt_strict"], row["id"]
+        assert not C.evaluate_response(row["rejected"][0]["content"], ids, kwargs, prompt)["prompt_strict"]
+
+
+def test_quality_pairs_chosen_is_the_reference_answer(files, instructions):
+    for row in (r for r in files["preferences.jsonl"] if r["kind"] != "constraint"):
+        source = instructions[source_of(row["id"])]
+        assert row["prompt"] == source["messages"][:-1]
+        assert row["chosen"][0]["content"] == source["messages"][-1]["content"]
+
+
+def test_eval_prompts_are_ifeval_format_with_compliant_references(files):
+    rows = files["eval_prompts.jsonl"]
+    assert len(rows) >= 120
+    assert sorted(r["key"] for r in rows) == list(range(1, len(rows) + 1))
+    for row in rows:
+        assert isinstance(row["key"], int) and isinstance(row["prompt"], str)
+        assert 1 <= len(row["instruction_id_list"]) <= 2 and C.compatible(row["instruction_id_list"])
+        assert len(row["kwargs"]) == len(row["instruction_id_list"])
+        result = C.evaluate_response(row["reference"], row["instruction_id_list"], row["kwargs"], row["prompt"])
+        assert result["prompt_strict"], row["key"]
+
+
+def test_every_constraint_type_appears_at_least_five_times_in_eval(files):
+    counts = Counter(t for r in files["eval_prompts.jsonl"] for t in r["instruction_id_list"])
+    assert {t: counts[t] for t in C.CONSTRAINTS if counts[t] < 5} == {}
+
+
+# ---- held out means held out ---------------------------------------------------------------------
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def five_grams(text: str) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + 5]) for i in range(max(1, len(words) - 4))}
+
+
+def training_base_prompts(files, instructions) -> list[str]:
+    """Every user prompt the model trains on, without appended constraint text."""
+    prompts = [m["content"] for row in files["instructions.jsonl"] for m in row["messages"] if m["role"] == "user"]
+    for row in files["sft_constraints.jsonl"]:
+        prompts.append(last_user(instructions[source_of(row["id"])]["messages"]))
+    for row in files["preferences.jsonl"]:
+        base = last_user(instructions[source_of(row["id"])]["messages"])
+        assert row["prompt"][-1]["content"].startswith(base)
+        prompts += [m["content"] for m in row["prompt"][:-1] if m["role"] == "user"] + [base]
+    return prompts
+
+
+def eval_base_prompts(files) -> list[str]:
+    heldout = {r["id"]: r["prompt"] for r in files["heldout_prompts.jsonl"]}
+    prompts = []
+    for row in files["eval_prompts.jsonl"]:
+        assert row["prompt"].startswith(heldout[row["source_id"]])
+        prompts.append(heldout[row["source_id"]])
+    for row in files["eval_preferences.jsonl"]:
+        base = heldout[source_of(row["id"])]
+        assert row["prompt"][-1]["content"].startswith(base)
+        prompts.append(base)
+    return prompts
+
+
+def test_eval_prompts_are_disjoint_from_training_prompts(files, instructions):
+    training = training_base_prompts(files, instructions)
+    evaluation = eval_base_prompts(files)
+    assert not {normalise(p) for p in training} & {normalise(p) for p in evaluation}
+    training_grams = [five_grams(p) for p in set(training)]
+    for prompt in set(evaluation):
+        grams = five_grams(prompt)
+        worst = max(len(grams & t) / len(grams | t) for t in training_grams)
+        assert worst < 0.5, prompt
+
+
+def test_eval_rows_come_only_from_heldout_ids(files, instructions):
+    heldout = {r["id"] for r in files["heldout_prompts.jsonl"]}
+    assert {r["source_id"] for r in files["eval_prompts.jsonl"]} <= heldout
+    assert {source_of(r["id"]) for r in files["eval_preferences.jsonl"]} <= heldout
+    assert not heldout & set(instructions)
+
+
+# ---- reproducible --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def build_data():
+    spec = importlib.util.spec_from_file_location("build_data", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["build_data"] = module  # dataclasses look their module up here
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules["build_data"]
+
+
+def test_build_data_names_file_and_line_of_a_bad_input_row(build_data, tmp_path):
+    good = {"id": "a", "category": "x", "messages": [{"role": "user", "content": "Hi"},
+                                                       {"role": "assistant", "content": "Hello."}]}
+    (tmp_path / "instructions.jsonl").write_text(json.dumps(good) + "\n{not json}\n")
+    with pytest.raises(DataError, match=r"instructions.jsonl:2: invalid JSON"):
+        build_data.main(["--data-dir", str(tmp_path)])
+    (tmp_path / "instructions.jsonl").write_text('\n{"id": "a", "category": "x", "messages": [{"role": "user"}]}\n')
+    with pytest.raises(DataError, match=r"instructions.jsonl:2: a conversation must end with a user turn"):
+        build_data.main(["--data-dir", str(tmp_path)])
+
+
+def test_rebuilding_reproduces_the_shipped_files_byte_for_byte(build_data, tmp_path, capsys):
+    assert build_data.main(["--data-dir", str(DATA), "--out-dir", str(tmp_path)]) == 0
+    assert "eval_prompts.jsonl: " in capsys.readouterr().out
+    for name in DERIVED:
+        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), (
+            f"{name} is stale: run `python scripts/build_data.py` and commit the result")
