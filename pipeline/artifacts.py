@@ -8,7 +8,6 @@ half-written stage that looks finished.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -37,11 +36,18 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs should be as readable as any
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -55,6 +61,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -142,52 +149,35 @@ def invalidate(stage_dir: Path) -> bool:
     return False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True
-
-
 @contextlib.contextmanager
 def run_lock(output_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on an output directory for the length of a run.
 
-    A second run on the same directory refuses to start. A lock left by a process that died (same host,
-    pid gone) is taken over.
+    A second run on the same directory refuses to start. The lock is an ``flock`` on ``<output_dir>/.lock``:
+    the kernel releases it when its process dies, so a crashed run never leaves a stale lock behind.
     """
+    import fcntl
+
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            pid, host = holder.get("pid"), holder.get("host")
-            if isinstance(pid, int) and host == me["host"] and not _pid_alive(pid):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()  # stale lock of a dead process
-                continue
-            if not holder and time.time() - path.stat().st_mtime > 60:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()  # unreadable lock older than a minute: its writer died mid-write
-                continue
-            raise PipelineError(
-                f"{output_dir} is in use by another run (pid {pid} on {host}). Wait for it to finish, "
-                f"or if that process is gone, delete {path}."
-            ) from None
-        with os.fdopen(fd, "w") as handle:
-            json.dump(me, handle)
-        break
-    else:
-        raise PipelineError(f"Could not take the lock {path}; delete it if no run is active.")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(path.read_text(encoding="utf-8") or "{}")
+        except (OSError, json.JSONDecodeError):
+            holder = {}
+        os.close(fd)
+        raise PipelineError(
+            f"{output_dir} is in use by another run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+            f"lock {path}). Wait for it to finish, or stop it; a lock held by a dead process frees itself."
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode())
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

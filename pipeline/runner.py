@@ -145,6 +145,7 @@ def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None 
             forced = force or (from_stage is not None)
             if existing is not None and existing.get("fingerprint") == fp and not forced:
                 log(f"[{name}] skipped: up to date (fingerprint {fp}); use --force to re-run")
+                clear_checkpoints(stage_dir)  # left behind if a run died right after writing the manifest
                 outcomes.append(StageOutcome(name, "skipped", fp, metrics=existing.get("metrics", {})))
                 continue
             outcomes.append(_run_one(recipe, name, stage_dir, fp, inputs, config, upstream, existing, forced, log))

@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--packing", action="store_true", help="SFT: packing=True, packing_strategy='bfd' (padding-free)")
     parser.add_argument("--precompute-ref", action="store_true", help="DPO: precompute_ref_log_probs=True")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa or eager")
+    parser.add_argument("--loss", choices=["trl", "kept-logits"], default="trl",
+                        help="SFT: TRL's fused LM head (scores every position, fp32 backward on CPU), or logits "
+                        "only at labelled positions via the model's logits_to_keep")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=None, help="default: 2e-4 (sft), 5e-5 (dpo)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32], help="generate")
@@ -134,12 +137,22 @@ class StepClock(TrainerCallback):
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self.logs: list[dict] = []
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if logs and "loss" in logs:
             self.times.append(time.perf_counter())
+            self.cpu_times.append(time.process_time())
             self.logs.append(dict(logs))
+
+    def window(self, warmup: int) -> tuple[float, float]:
+        """(seconds, CPU share) over the steps after ``warmup``; a share well below 1 means another
+        process was using the cores and the numbers are pessimistic."""
+        first = max(warmup, 1) - 1
+        seconds = self.times[-1] - self.times[first]
+        cpu = (self.cpu_times[-1] - self.cpu_times[first]) / seconds / torch.get_num_threads()
+        return seconds, round(cpu, 2)
 
 
 def loss_summary(losses: list[float]) -> dict[str, Any]:
@@ -160,10 +173,41 @@ def adapter_dtype(model: Any) -> str:
     return "none"
 
 
+def kept_logits_sft_trainer() -> type:
+    """SFTTrainer whose loss projects only the positions that carry a label through the LM head.
+
+    TRL 1.16 always uses its fused LM head; without Triton (CPU) it scores every position, prompt and padding
+    included, against the whole vocabulary and runs its backward in fp32. With gemma's 262k vocabulary that
+    head costs more than the transformer. ``logits_to_keep`` (a public forward argument) with the indices of
+    the labelled positions gives the same loss for a fraction of the work.
+    """
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    class KeptLogitsSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            targets = inputs["labels"][:, 1:]
+            keep = (targets != -100).any(dim=0).nonzero().flatten()  # positions whose next token is trained
+            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
+            kept = targets[:, keep]
+            loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), kept.flatten(), ignore_index=-100,
+                                   reduction="sum")
+            loss = loss / (num_items_in_batch if num_items_in_batch is not None else (kept != -100).sum())
+            mask = inputs.get("attention_mask")
+            self.tokens_seen += int(mask.sum()) if mask is not None else inputs["position_ids"].size(1)
+            self._metrics["train"]["num_tokens"] = [self.tokens_seen]  # what the stock compute_loss logs
+            return (loss, outputs) if return_outputs else loss
+
+    KeptLogitsSFTTrainer.tokens_seen = 0
+    return KeptLogitsSFTTrainer
+
+
 # ----------------------------------------------------------------------------------------------- benchmarks
 def bench_sft(args: argparse.Namespace, path: str) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
+    trainer_class = kept_logits_sft_trainer() if args.loss == "kept-logits" else SFTTrainer
     tokenizer = load_tokenizer(path)
     model = load_model(path, args)
     clock = StepClock()
@@ -175,7 +219,7 @@ def bench_sft(args: argparse.Namespace, path: str) -> dict[str, Any]:
             packing=args.packing,
             packing_strategy="bfd",
         )
-        trainer = SFTTrainer(
+        trainer = trainer_class(
             model=model, args=config, train_dataset=sft_dataset(args.sft_data), processing_class=tokenizer,
             peft_config=lora_config(args.lora_r), callbacks=[clock],
         )
@@ -183,12 +227,13 @@ def bench_sft(args: argparse.Namespace, path: str) -> dict[str, Any]:
         trainer.train()
         train_seconds = time.perf_counter() - started
     tokens = [log["num_tokens"] for log in clock.logs]
-    w = args.warmup
-    rate = (tokens[-1] - tokens[w - 1]) / (clock.times[-1] - clock.times[w - 1]) if w else tokens[-1] / train_seconds
+    first = max(args.warmup, 1) - 1
+    seconds, cpu_share = clock.window(args.warmup)
     return {
-        "tokens_per_s": round(rate, 1),
+        "tokens_per_s": round((tokens[-1] - tokens[first]) / seconds, 1),
         "tokens_per_step": round(tokens[-1] / len(tokens), 1),
-        "seconds_per_step": round((clock.times[-1] - clock.times[w - 1]) / (len(tokens) - w), 2),
+        "seconds_per_step": round(seconds / (len(tokens) - 1 - first), 2),
+        "cpu_share": cpu_share,
         "train_seconds": round(train_seconds, 1),
         "adapter_dtype": adapter_dtype(trainer.model),
         **loss_summary([log["loss"] for log in clock.logs]),
@@ -219,14 +264,14 @@ def bench_dpo(args: argparse.Namespace, path: str) -> dict[str, Any]:
         started = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - started
-    w = args.warmup
-    steps_timed = len(clock.logs) - w
-    step_seconds = (clock.times[-1] - clock.times[w - 1]) / steps_timed if w else train_seconds / len(clock.logs)
+    seconds, cpu_share = clock.window(args.warmup)
+    step_seconds = seconds / (len(clock.logs) - max(args.warmup, 1))
     precompute_per_pair = init_seconds / len(dataset) if args.precompute_ref else 0.0
     result = {
         "pairs_per_s": round(args.batch_size / (step_seconds + precompute_per_pair * args.batch_size), 3),
         "pairs_per_s_steps_only": round(args.batch_size / step_seconds, 3),
         "seconds_per_step": round(step_seconds, 2),
+        "cpu_share": cpu_share,
         "init_seconds": round(init_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "adapter_dtype": adapter_dtype(trainer.model),
@@ -253,7 +298,7 @@ def bench_generate(args: argparse.Namespace, path: str) -> dict[str, Any]:
     for batch_size in args.batch_sizes:
         count = max(batch_size, 2)  # batch 1: two prompts, so one slow outlier doesn't decide
         useful = positions = 0
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for start in range(0, count, batch_size):
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=False)  # the template already wrote <bos>
@@ -265,6 +310,7 @@ def bench_generate(args: argparse.Namespace, path: str) -> dict[str, Any]:
             for row in new.tolist():  # tokens up to and including the first stop token
                 useful += next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
         seconds = time.perf_counter() - started
+        cpu_share = (time.process_time() - cpu_started) / seconds / torch.get_num_threads()
         results[str(batch_size)] = {
             "prompts": count,
             "seconds": round(seconds, 1),
@@ -272,6 +318,7 @@ def bench_generate(args: argparse.Namespace, path: str) -> dict[str, Any]:
             "positions_per_s": round(positions / seconds, 1),
             "prompts_per_s": round(count / seconds, 3),
             "mean_new_tokens": round(useful / count, 1),
+            "cpu_share": round(cpu_share, 2),
         }
     return {"by_batch_size": results}
 

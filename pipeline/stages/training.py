@@ -66,13 +66,17 @@ class StopOnNonFiniteLoss(TrainerCallback):
     """
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
+        logs = logs or {}
+        # grad_norm too: a non-finite gradient at step N has already put NaN into the weights checkpoint-N
+        # would hold, even when step N's loss (computed before the update) was finite.
+        bad = {k: logs[k] for k in ("loss", "grad_norm") if k in logs and not math.isfinite(float(logs[k]))}
+        if bad:
+            what = ", ".join(f"{k} {v}" for k, v in bad.items())
             last = max((h["step"] for h in state.log_history[:-1] if "loss" in h), default=0)
             raise PipelineError(
-                f"Training loss became {loss} at step {state.global_step} (last finite loss logged at step "
-                f"{last}). The last checkpoint before it is kept in {args.output_dir}. Lower the learning rate "
-                "(or use fp32 with model.dtype: float32) and re-run the stage; it resumes from that checkpoint."
+                f"Training diverged at step {state.global_step} ({what}; last finite loss logged at step {last}). "
+                f"The checkpoints before it are kept in {args.output_dir}. Lower the learning rate (or use fp32 "
+                "with model.dtype: float32) and re-run the stage; with changed settings it starts from step 0."
             )
 
 
