@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precompute-ref", action="store_true", help="DPO: precompute_ref_log_probs=True")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa or eager")
     parser.add_argument("--loss", choices=["trl", "kept-logits"], default="trl",
-                        help="SFT: TRL's fused LM head (scores every position, fp32 backward on CPU), or logits "
+                        help="TRL's fused LM head (scores every position, fp32 backward on CPU), or logits "
                         "only at labelled positions via the model's logits_to_keep")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=None, help="default: 2e-4 (sft), 5e-5 (dpo)")
@@ -203,6 +203,46 @@ def kept_logits_sft_trainer() -> type:
     return KeptLogitsSFTTrainer
 
 
+def kept_logits_dpo_trainer() -> type:
+    """DPOTrainer (sigmoid loss only) whose log-probs come from logits at completion positions only.
+
+    Same reason as :func:`kept_logits_sft_trainer`: TRL's fused head scores prompt and padding positions too,
+    with an fp32 backward, on CPU. Overrides the public ``compute_ref_log_probs`` and ``_compute_loss``.
+    """
+    import torch.nn.functional as F
+    from trl import DPOTrainer
+
+    def sequence_logps(model: Any, inputs: dict) -> torch.Tensor:
+        targets = inputs["input_ids"][:, 1:].masked_fill(inputs["completion_mask"][:, 1:] == 0, -100)
+        keep = (targets != -100).any(dim=0).nonzero().flatten()
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                       logits_to_keep=keep).logits
+        kept = targets[:, keep]
+        nll = F.cross_entropy(logits.float().transpose(1, 2), kept, ignore_index=-100, reduction="none")
+        return -nll.sum(dim=1)
+
+    class KeptLogitsDPOTrainer(DPOTrainer):
+        def compute_ref_log_probs(self, model, inputs):
+            with torch.no_grad(), self.accelerator.unwrap_model(self.model).disable_adapter():
+                return sequence_logps(self.model, inputs).chunk(2, dim=0)
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            chosen, rejected = sequence_logps(model, inputs).chunk(2, dim=0)
+            if self.precompute_ref_logps:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
+            chosen_rewards = self.beta * (chosen - ref_chosen).detach()
+            rejected_rewards = self.beta * (rejected - ref_rejected).detach()
+            loss = -F.logsigmoid(self.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
+            metrics = self._metrics["train" if model.training else "eval"]
+            metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+            metrics["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
+            return (loss, {}) if return_outputs else loss
+
+    return KeptLogitsDPOTrainer
+
+
 # ----------------------------------------------------------------------------------------------- benchmarks
 def bench_sft(args: argparse.Namespace, path: str) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
@@ -243,6 +283,7 @@ def bench_sft(args: argparse.Namespace, path: str) -> dict[str, Any]:
 def bench_dpo(args: argparse.Namespace, path: str) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
+    trainer_class = kept_logits_dpo_trainer() if args.loss == "kept-logits" else DPOTrainer
     tokenizer = load_tokenizer(path)
     model = load_model(path, args)
     clock = StepClock()
@@ -256,7 +297,7 @@ def bench_dpo(args: argparse.Namespace, path: str) -> dict[str, Any]:
             precompute_ref_log_probs=args.precompute_ref,
         )
         started = time.perf_counter()
-        trainer = DPOTrainer(
+        trainer = trainer_class(
             model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
             peft_config=lora_config(args.lora_r), callbacks=[clock],
         )
