@@ -81,6 +81,8 @@ DPO_DEFAULTS: dict[str, Any] = {
 DPO_PIPELINE_KEYS = {"start": ("merge", "continue_adapter")}
 EVAL_DEFAULTS: dict[str, Any] = {
     "prompts": None,  # JSONL with IFEval-style prompt / instruction_id_list / kwargs
+    "preferences": None,  # held-out preference pairs; None: the held-out split of data.dpo
+    "max_pairs": 100,
     "models": ["base", "sft", "dpo"],
     "max_new_tokens": 256,
     "batch_size": 16,
@@ -201,7 +203,7 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
             return int(value)
     elif base is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return value  # an int stays an int (e.g. logging_steps accepts both)
         if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
             try:
                 return float(value)

@@ -71,8 +71,8 @@ def stage_config(recipe: Recipe, stage: str) -> dict[str, Any]:
     if stage == "dpo":
         return {"model": recipe.model, "lora": recipe.lora, "dpo": recipe.dpo}
     if stage == "eval":
-        prompts = (recipe.eval or {}).get("prompts")
-        return {"model": recipe.model, "eval": recipe.eval, "prompts_hash": _content_hash(prompts) if prompts else None}
+        files = [(recipe.eval or {}).get(key) for key in ("prompts", "preferences")]
+        return {"model": recipe.model, "eval": recipe.eval, "hashes": [_content_hash(f) if f else None for f in files]}
     raise ValueError(stage)
 
 

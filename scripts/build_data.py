@@ -439,10 +439,13 @@ def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
     pref_rng.shuffle(pool)
     eval_pool = list(heldout)
     eval_pref_rng.shuffle(eval_pool)
+    preferences = constraint_pairs(pool, N_CONSTRAINT_PAIRS, pref_rng, round_robin(), "pref") + quality_pairs(
+        training, {k: v[0] for k, v in QUALITY_QUOTA.items()}, pref_rng, "pref")
+    # Mixed order, so that a recipe's `limit: N` on this file takes every kind of pair, not the first kind.
+    stream("preferences-order").shuffle(preferences)
     return {
         "sft_constraints.jsonl": build_sft(training, stream("sft")),
-        "preferences.jsonl": constraint_pairs(pool, N_CONSTRAINT_PAIRS, pref_rng, round_robin(), "pref")
-        + quality_pairs(training, {k: v[0] for k, v in QUALITY_QUOTA.items()}, pref_rng, "pref"),
+        "preferences.jsonl": preferences,
         "eval_prompts.jsonl": build_eval_prompts(heldout, stream("eval_prompts")),
         "eval_preferences.jsonl": constraint_pairs(eval_pool, N_EVAL_CONSTRAINT_PAIRS, eval_pref_rng,
                                                    least_used(eval_pref_rng), "evalpref")

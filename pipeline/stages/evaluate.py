@@ -16,6 +16,7 @@ from typing import Any
 from datasets import load_from_disk
 
 from pipeline.artifacts import atomic_write_json, atomic_write_text
+from pipeline.data.formats import load_preference_examples
 from pipeline.errors import PipelineError
 from pipeline.evaluation import (
     generate_for_prompts,
@@ -28,7 +29,7 @@ from pipeline.evaluation import (
     score_generations,
 )
 from pipeline.inference import load
-from pipeline.models import configure_generation, load_base_model, load_tokenizer
+from pipeline.models import configure_generation, control_tokens, load_base_model, load_tokenizer
 from pipeline.stages.context import StageContext
 
 MAX_HELDOUT_ROWS = 100
@@ -103,8 +104,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if not cfg["prompts"]:
         raise PipelineError("eval.prompts must name a JSONL of held-out prompts (IFEval-style).")
     prompts = load_prompts(cfg["prompts"], cfg["max_prompts"])
-    conversations = [row["messages"] for row in _held_out(ctx, "sft_eval")]
-    pairs = _held_out(ctx, "dpo_eval")
+    # Held-out loss: on the eval prompts' reference answers where the file has them, else the SFT split.
+    conversations = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["reference"]}]
+                     for p in prompts if isinstance(p.get("reference"), str) and p["reference"].strip()]
+    if not conversations:
+        conversations = [row["messages"] for row in _held_out(ctx, "sft_eval")]
+    conversations = conversations[:MAX_HELDOUT_ROWS]
+    if cfg["preferences"]:
+        tokenizer = load_tokenizer(ctx.recipe.model)
+        pairs, _ = load_preference_examples([{"path": cfg["preferences"]}], control_tokens=control_tokens(tokenizer))
+    else:
+        pairs = _held_out(ctx, "dpo_eval")
+    pairs = pairs[: cfg["max_pairs"]]
     names = [n for n in cfg["models"] if n == "base" or n in ctx.upstream]
     metrics = {name: _evaluate_model(ctx, name, prompts, conversations, pairs) for name in names}
 
