@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,9 @@ def _guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namespace
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.debug:  # bitsandbytes warns about optional CPU kernels on every import; irrelevant here
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # Library deprecation notices (e.g. transformers' gradient→activation checkpointing rename) are for
+        # developers of this project, not its users; --debug shows them.
+        warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return main(args)
     except PipelineError as exc:
