@@ -10,7 +10,6 @@ directory in about a second.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.artifacts import atomic_write_json
+from pipeline.artifacts import file_sha256 as sha256_of
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -50,19 +51,16 @@ def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
     entry = index.get(str(path))
     if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
         return entry["sha256"]
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    _remember_hash(index_path, path, digest.hexdigest())
-    return digest.hexdigest()
+    digest = sha256_of(path)
+    _remember_hash(index_path, path, digest)
+    return digest
 
 
 def _remember_hash(index_path: Path, path: Path, sha256: str) -> None:
     stat = path.stat()
     index = _read_json(index_path)
     index[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
-    _write_json_atomic(index_path, index)
+    atomic_write_json(index_path, index)
 
 
 def _read_json(path: Path) -> dict:
@@ -70,15 +68,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}  # missing or corrupt index: it only saves time, so start afresh
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache may be shared
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------- quickstart model

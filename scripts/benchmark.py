@@ -176,35 +176,10 @@ def adapter_dtype(model: Any) -> str:
 
 
 def kept_logits_sft_trainer() -> type:
-    """SFTTrainer whose loss projects only the positions that carry a label through the LM head.
+    """The pipeline's CPU SFT trainer: only labelled positions go through the LM head."""
+    from pipeline.stages.sft import LabelledPositionsSFTTrainer
 
-    TRL 1.16 always uses its fused LM head; without Triton (CPU) it scores every position, prompt and padding
-    included, against the whole vocabulary and runs its backward in fp32. With gemma's 262k vocabulary that
-    head costs more than the transformer. ``logits_to_keep`` (a public forward argument) with the indices of
-    the labelled positions gives the same loss for a fraction of the work.
-    """
-    import torch.nn.functional as F
-    from trl import SFTTrainer
-
-    class KeptLogitsSFTTrainer(SFTTrainer):
-        tokens_seen = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            targets = inputs["labels"][:, 1:]
-            keep = (targets != -100).any(dim=0).nonzero().flatten()  # positions whose next token is trained
-            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
-            kept = targets[:, keep]
-            loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), kept.flatten(), ignore_index=-100,
-                                   reduction="sum")
-            loss = loss / (num_items_in_batch if num_items_in_batch is not None else (kept != -100).sum())
-            mask = inputs.get("attention_mask")
-            self.tokens_seen += int(mask.sum()) if mask is not None else inputs["position_ids"].size(1)
-            # the stock compute_loss logs this; the benchmark reads it back from the logs
-            self._metrics["train" if model.training else "eval"]["num_tokens"] = [self.tokens_seen]
-            return (loss, outputs) if return_outputs else loss
-
-    return KeptLogitsSFTTrainer
+    return LabelledPositionsSFTTrainer
 
 
 def kept_logits_dpo_trainer() -> type:
