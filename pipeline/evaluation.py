@@ -75,12 +75,12 @@ def completion_logps(model: Any, tokenizer: Any, prompt: list[dict[str, str]],
     prefix = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                            return_dict=True)["input_ids"]
     full = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
+    n = len(full) - len(prefix)  # completion tokens
     ids = torch.tensor([full], device=model.device)
-    logits = model(input_ids=ids).logits[0, :-1].float()
-    targets = ids[0, 1:]
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
-    start = len(prefix) - 1  # position predicting the first completion token
-    picked = logps[start:]
+    # Logits only where completion tokens are predicted: the vocabulary projection dominates small models.
+    logits = model(input_ids=ids, logits_to_keep=n + 1).logits[0, :-1].float()
+    targets = ids[0, len(prefix):]
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
     return float(picked.sum()), int(picked.numel())
 
 

@@ -56,3 +56,25 @@ def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):
     assert len(rows) == 3 and all(r["new_tokens"] <= 6 for r in rows)
     # re-running finds everything up to date
     assert {o.action for o in run_recipe(recipe, log=lambda _: None)} == {"skipped"}
+
+
+def test_completion_logps_equal_a_full_forward(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import MODEL_DEFAULTS
+    from pipeline.evaluation import completion_logps
+    from pipeline.models import load_tokenizer
+
+    tokenizer = load_tokenizer({**MODEL_DEFAULTS, "name_or_path": str(tiny_model_dir), "chat_template": "chatml"})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompt, answer = [{"role": "user", "content": "Say hi."}], [{"role": "assistant", "content": "hi there."}]
+    logp, n = completion_logps(model, tokenizer, prompt, answer)
+    full = tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=True)["input_ids"]
+    start = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0, :-1].float(), -1)
+    expected = sum(logps[i - 1, full[i]].item() for i in range(start, len(full)))
+    assert n == len(full) - start
+    assert abs(logp - expected) < 1e-4
