@@ -49,6 +49,8 @@ LORA_DEFAULTS: dict[str, Any] = {
     "lora_dropout": 0.0,
     "target_modules": "all-linear",
     "task_type": "CAUSAL_LM",
+    # pipeline key: train the chat template's turn-token embeddings too (see models.lora_config)
+    "train_template_tokens": True,
 }
 # Applied to both trainer sections. Why each differs from TRL's default:
 _TRAINER_DEFAULTS: dict[str, Any] = {
@@ -306,7 +308,8 @@ def validate_recipe(raw: dict[str, Any], source: Path | None = None) -> Recipe:
     if not 0.0 <= float(data["eval_fraction"]) < 1.0:
         raise PipelineError("data.eval_fraction must be in [0, 1).")
 
-    lora = _validate_dataclass_section("lora", {**LORA_DEFAULTS, **(raw.get("lora") or {})}, LoraConfig)
+    lora = _validate_dataclass_section("lora", {**LORA_DEFAULTS, **(raw.get("lora") or {})}, LoraConfig,
+                                       extra={"train_template_tokens": (True, False)})
     sft = dpo = evaluation = None
     if "sft" in raw:
         sft = _validate_dataclass_section("sft", {**SFT_DEFAULTS, **(raw["sft"] or {})}, SFTConfig)

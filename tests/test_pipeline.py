@@ -101,6 +101,14 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tiny_recipe):
     assert max(h["step"] for h in history) == 4
 
 
+def test_sft_trains_the_turn_token_embeddings(completed_run):
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(completed_run["output_dir"]) / "sft" / "adapter_model.safetensors")
+    deltas = [v for k, v in weights.items() if "trainable_tokens" in k]
+    assert deltas and all(d.abs().sum() > 0 for d in deltas)
+
+
 def test_load_returns_adapter_model_that_generates_and_stops(completed_run):
     from pipeline.inference import generate, load
 
@@ -144,9 +152,12 @@ def test_dpo_reference_is_the_sft_model_not_the_raw_base(completed_run):
     assert (reference - base_logits).abs().max() > 1e-2
 
 
-def test_continue_adapter_mode_trains_the_sft_adapter(completed_run):
-    assert _run(completed_run, "dpo.start=continue_adapter") == {"prepare": "skipped", "sft": "skipped",
-                                                                  "dpo": "ran"}
+def test_continue_adapter_mode_trains_the_sft_adapter(tiny_recipe):
+    with pytest.raises(PipelineError, match="train_template_tokens"):
+        _run(tiny_recipe, "dpo.start=continue_adapter")
+    completed_run = tiny_recipe
+    assert _run(completed_run, "dpo.start=continue_adapter", "lora.train_template_tokens=false") == {
+        "prepare": "skipped", "sft": "ran", "dpo": "ran"}
     manifest = _manifest(completed_run, "dpo")
     assert manifest["start"] == "continue_adapter"
     from safetensors.torch import load_file

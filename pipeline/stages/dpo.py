@@ -19,6 +19,7 @@ from peft import PeftModel
 from trl import DPOConfig, DPOTrainer
 
 from pipeline.artifacts import atomic_directory
+from pipeline.errors import PipelineError
 from pipeline.models import load_base_model, load_tokenizer, lora_config, resolve_model_path
 from pipeline.stages.context import StageContext
 from pipeline.stages.training import (
@@ -57,9 +58,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if mode == "merge":
         base_path = str(merge_sft_adapter(recipe.model, sft_dir, ctx.stage_dir / MERGED).resolve())
         model = load_base_model(recipe.model, path=base_path)
+        # No trainable-token embeddings here: SFT trained them and they are merged into the weights; TRL's
+        # fused LM head (used by DPOTrainer) cannot run through peft's trainable-token wrapper anyway.
         peft_config = lora_config(recipe.lora)
     else:  # continue_adapter
         base_path = resolve_model_path(recipe.model["name_or_path"])
+        if recipe.lora["train_template_tokens"]:
+            raise PipelineError(
+                "dpo.start: continue_adapter cannot continue an SFT adapter with trainable turn-token embeddings "
+                "(TRL's DPO LM head does not run through them). Use dpo.start: merge (the default), or set "
+                "lora.train_template_tokens: false and re-run sft."
+            )
         model = PeftModel.from_pretrained(load_base_model(recipe.model), str(sft_dir), is_trainable=True)
         peft_config = None
 

@@ -31,7 +31,7 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
     against the whole vocabulary and runs its backward in fp32. With Gemma's 262k-token vocabulary that
     head costs more than the transformer. The model's public ``logits_to_keep`` argument, given the
     labelled positions, yields the same loss for a fraction of the work (measured: README "Performance").
-    Used on CPU only; on CUDA TRL's own fused head is the fast path.
+    Used on CPU, and wherever the template's turn tokens are trained (see ``models.lora_config``).
     """
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -58,14 +58,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
     tokenizer = load_tokenizer(recipe.model)
     model = load_base_model(recipe.model)
     args = SFTConfig(**trainer_arguments(recipe.sft, recipe.model, ctx.stage_dir))
-    trainer_class = LabelledPositionsSFTTrainer if resolve_device(recipe.model) == "cpu" else SFTTrainer
-    trainer = trainer_class(
+    peft_config = lora_config(recipe.lora, tokenizer)
+    # TRL's fused LM head cannot run through peft's trainable-token wrapper of a tied LM head, and on CPU it
+    # is the slow path anyway: use the labelled-positions loss in both cases.
+    use_ours = resolve_device(recipe.model) == "cpu" or bool(peft_config.trainable_token_indices)
+    trainer = (LabelledPositionsSFTTrainer if use_ours else SFTTrainer)(
         model=model,
         args=args,
         train_dataset=train,
         eval_dataset=evaluation if evaluation is not None and len(evaluation) else None,
         processing_class=tokenizer,
-        peft_config=lora_config(recipe.lora),
+        peft_config=peft_config,
         callbacks=[StopOnNonFiniteLoss()],
     )
     metrics, resumed_from = train_with_resume(trainer, ctx.stage_dir)
