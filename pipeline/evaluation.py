@@ -113,12 +113,18 @@ def preference_accuracy(model: Any, tokenizer: Any, pairs: list[dict[str, Any]],
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def plot_loss_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_loss_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, max(len(histories), 1), figsize=(5 * max(len(histories), 1), 3.5), squeeze=False)
     for ax, (name, history) in zip(axes[0], histories.items(), strict=False):
         for key, style in (("loss", "-"), ("eval_loss", "o--")):
@@ -134,11 +140,7 @@ def plot_loss_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> 
 
 
 def plot_model_comparison(metrics: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     keys = ["format_compliance", "prompt_level_strict", "prompt_level_loose", "instruction_level_strict"]
     names = list(metrics)
     fig, ax = plt.subplots(figsize=(8, 3.8))
@@ -156,11 +158,7 @@ def plot_model_comparison(metrics: dict[str, dict[str, Any]], path: Path) -> Non
 
 
 def plot_per_type(metrics: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     types = sorted({t for m in metrics.values() for t in m.get("per_type_strict", {})})
     names = list(metrics)
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(types) + 1.5))
