@@ -56,58 +56,96 @@ def score_generations(prompts: list[dict[str, Any]], outputs: list[dict[str, Any
 
 def generate_for_prompts(model: Any, tokenizer: Any, prompts: list[dict[str, Any]], *, max_new_tokens: int,
                          batch_size: int, desc: str) -> list[dict[str, Any]]:
-    """Greedy answers for every prompt, in length-sorted batches (less padding), with a progress bar."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["prompt"]))
-    results: list[dict[str, Any] | None] = [None] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        idx = order[start:start + batch_size]
-        convs = [[{"role": "user", "content": prompts[i]["prompt"]}] for i in idx]
-        for i, out in zip(idx, generate(model, tokenizer, convs, max_new_tokens=max_new_tokens,
-                                        batch_size=batch_size), strict=True):
-            results[i] = out
-    return results  # type: ignore[return-value]
+    """Greedy answers for every prompt (continuous batching, see ``inference.generate``), with a progress bar."""
+    print(f"  {desc}: {len(prompts)} prompts, up to {max_new_tokens} new tokens each", flush=True)
+    convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+    return generate(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
 
 
-@torch.inference_mode()
-def completion_logps(model: Any, tokenizer: Any, prompt: list[dict[str, str]],
-                     completion: list[dict[str, str]]) -> tuple[float, int]:
-    """Sum of log-probs of the completion's tokens (its end-of-turn included) after the prompt, and count."""
+def _encode_completion(tokenizer: Any, prompt: list[dict[str, str]],
+                       completion: list[dict[str, str]]) -> tuple[list[int], int]:
+    """Token ids of prompt + completion, and how many of them are the completion (end-of-turn included)."""
     prefix = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                            return_dict=True)["input_ids"]
     full = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
-    n = len(full) - len(prefix)  # completion tokens
-    ids = torch.tensor([full], device=model.device)
-    # Logits only where completion tokens are predicted: the vocabulary projection dominates small models.
-    logits = model(input_ids=ids, logits_to_keep=n + 1).logits[0, :-1].float()
-    targets = ids[0, len(prefix):]
-    picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
-    return float(picked.sum()), int(picked.numel())
+    return list(full), len(full) - len(prefix)
 
 
-def heldout_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], desc: str) -> float:
+@torch.inference_mode()
+def completion_logps_batched(model: Any, tokenizer: Any, items: list[tuple[list[dict], list[dict]]], *,
+                             batch_size: int = 8) -> list[tuple[float, int]]:
+    """``(sum of completion log-probs, completion tokens)`` for many (prompt, completion) pairs at once.
+
+    Rows are left-padded, so every completion ends at the last position and one ``logits_to_keep`` covers
+    them all: the vocabulary projection (most of a small model's cost) runs only where completion tokens
+    are predicted. Position ids restart after the padding, so a row scores as it would alone.
+    """
+    encoded = [_encode_completion(tokenizer, prompt, completion) for prompt, completion in items]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results: list[tuple[float, int] | None] = [None] * len(items)
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))  # similar lengths: little padding
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i][0]) for i in idx)
+        keep = max(encoded[i][1] for i in idx)  # longest completion in the batch
+        ids = torch.tensor([[pad] * (width - len(encoded[i][0])) + encoded[i][0] for i in idx])
+        mask = torch.tensor([[0] * (width - len(encoded[i][0])) + [1] * len(encoded[i][0]) for i in idx])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Positions as an index tensor, not an int: torch's CPU linear turns a strided slice of a batch into a
+        # bmm that copies the vocabulary matrix once per row (measured 13x slower on gemma-3-270m).
+        predicting = torch.arange(width - keep - 1, width - 1, device=model.device)
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                       position_ids=positions.to(model.device), logits_to_keep=predicting, use_cache=False).logits
+        targets = ids[:, width - keep:].to(model.device)
+        for row, i in enumerate(idx):
+            n = encoded[i][1]
+            # log-softmax row by row, in fp32: a whole batch of vocabulary-wide fp32 rows is large
+            logps = torch.log_softmax(logits[row, keep - n:keep].float(), dim=-1)
+            picked = logps.gather(-1, targets[row, keep - n:, None])[:, 0]
+            results[i] = (float(picked.sum()), n)
+    return results  # type: ignore[return-value]
+
+
+def completion_logps(model: Any, tokenizer: Any, prompt: list[dict[str, str]],
+                     completion: list[dict[str, str]]) -> tuple[float, int]:
+    """Sum of log-probs of the completion's tokens (its end-of-turn included) after the prompt, and count."""
+    return completion_logps_batched(model, tokenizer, [(prompt, completion)])[0]
+
+
+def _batched_with_progress(model: Any, tokenizer: Any, items: list[tuple[list[dict], list[dict]]], desc: str,
+                           batch_size: int) -> list[tuple[float, int]]:
+    results: list[tuple[float, int]] = []
+    with tqdm(total=len(items), desc=desc, unit="seq") as bar:
+        for start in range(0, len(items), batch_size * 4):
+            chunk = items[start:start + batch_size * 4]
+            results += completion_logps_batched(model, tokenizer, chunk, batch_size=batch_size)
+            bar.update(len(chunk))
+    return results
+
+
+def heldout_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], desc: str,
+                 batch_size: int = 8) -> float:
     """Mean per-token NLL of the final assistant answer of each held-out conversation."""
-    total, count = 0.0, 0
-    for messages in tqdm(conversations, desc=desc, unit="conv"):
-        logp, n = completion_logps(model, tokenizer, messages[:-1], messages[-1:])
-        total, count = total - logp, count + n
+    scored = _batched_with_progress(model, tokenizer, [(m[:-1], m[-1:]) for m in conversations], desc, batch_size)
+    total, count = sum(-logp for logp, _ in scored), sum(n for _, n in scored)
     return round(total / max(count, 1), 4)
 
 
-def preference_accuracy(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], desc: str) -> dict[str, float]:
+def preference_accuracy(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], desc: str,
+                        batch_size: int = 8) -> dict[str, float]:
     """Held-out preference accuracy of a PEFT model against its own adapter-disabled reference.
 
     ``implicit_reward_acc``: the DPO implicit reward log π(y|x) − log π_ref(y|x) ranks chosen above rejected.
     ``likelihood_acc``: the model alone gives chosen a higher log-prob than rejected.
     """
-    implicit, likelihood = [], []
-    for pair in tqdm(pairs, desc=desc, unit="pair"):
-        chosen = completion_logps(model, tokenizer, pair["prompt"], pair["chosen"])[0]
-        rejected = completion_logps(model, tokenizer, pair["prompt"], pair["rejected"])[0]
-        with model.disable_adapter():
-            ref_chosen = completion_logps(model, tokenizer, pair["prompt"], pair["chosen"])[0]
-            ref_rejected = completion_logps(model, tokenizer, pair["prompt"], pair["rejected"])[0]
-        implicit.append((chosen - ref_chosen) > (rejected - ref_rejected))
-        likelihood.append(chosen > rejected)
+    items = [(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")]
+    policy = [logp for logp, _ in _batched_with_progress(model, tokenizer, items, desc, batch_size)]
+    with model.disable_adapter():
+        reference = [logp for logp, _ in _batched_with_progress(model, tokenizer, items, f"{desc} (reference)",
+                                                                batch_size)]
+    implicit = [(policy[2 * k] - reference[2 * k]) > (policy[2 * k + 1] - reference[2 * k + 1])
+                for k in range(len(pairs))]
+    likelihood = [policy[2 * k] > policy[2 * k + 1] for k in range(len(pairs))]
     n = max(len(pairs), 1)
     return {"implicit_reward_acc": round(sum(implicit) / n, 4), "likelihood_acc": round(sum(likelihood) / n, 4)}
 

@@ -73,35 +73,45 @@ def chat_inputs(tokenizer: Any, messages: list[dict[str, str]], device: Any) -> 
 
 @torch.inference_mode()
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
-             max_new_tokens: int = 256, batch_size: int = 16) -> list[dict[str, Any]]:
-    """Greedy answers for many conversations, batched with left padding.
+             max_new_tokens: int = 256, batch_size: int = 16, progress: bool = False) -> list[dict[str, Any]]:
+    """Greedy answers for many conversations, with continuous batching (transformers' ``generate_batch``).
 
-    Each result holds the ``text`` and whether the model ``stopped`` on its own (end-of-turn/EOS)
-    before ``max_new_tokens``.
+    Up to ``batch_size`` answers are decoded at once, and an answer that stops frees its slot for the next
+    conversation at once: one long answer does not keep a whole batch decoding to ``max_new_tokens``.
+    Each result holds the ``text`` and whether the model ``stopped`` on its own (end-of-turn/EOS) before
+    ``max_new_tokens``, in the order of ``conversations``.
     """
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    if not conversations:
+        return []
     controls = control_tokens(tokenizer)
-    stops = set(model.generation_config.eos_token_id or [])
-    tokenizer.padding_side = "left"
+    stops = list(model.generation_config.eos_token_id or [])
+    inputs = [
+        tokenizer.apply_chat_template(
+            [{**m, "content": neutralise_control_tokens(m["content"], controls)} for m in conv],
+            add_generation_prompt=True, tokenize=True, return_dict=True,
+        )["input_ids"]
+        for conv in conversations
+    ]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                              pad_token_id=tokenizer.pad_token_id)
+    outputs = model.generate_batch(
+        [list(ids) for ids in inputs], generation_config=config, progress_bar=progress,
+        continuous_batching_config=ContinuousBatchingConfig(max_requests_per_batch=batch_size),
+    )
+    if len(outputs) != len(inputs):
+        raise PipelineError(f"Generation returned {len(outputs)} answers for {len(inputs)} prompts.")
     results = []
-    for start in range(0, len(conversations), batch_size):
-        batch = conversations[start:start + batch_size]
-        texts = [
-            tokenizer.apply_chat_template(
-                [{**m, "content": neutralise_control_tokens(m["content"], controls)} for m in conv],
-                add_generation_prompt=True, tokenize=False,
-            )
-            for conv in batch
-        ]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
-            stop_at = next((i for i, t in enumerate(row) if t in stops), None)
-            answer = row[:stop_at] if stop_at is not None else row
-            results.append({
-                "text": tokenizer.decode(answer, skip_special_tokens=True).strip(),
-                "stopped": stop_at is not None,
-                "new_tokens": len(answer),
-            })
+    for output in outputs.values():  # in input order
+        tokens = list(output.generated_tokens)
+        stop_at = next((i for i, t in enumerate(tokens) if t in stops), None)
+        answer = tokens[:stop_at] if stop_at is not None else tokens
+        results.append({
+            "text": tokenizer.decode(answer, skip_special_tokens=True).strip(),
+            "stopped": stop_at is not None,
+            "new_tokens": len(answer),
+        })
     return results
 
 

@@ -6,8 +6,10 @@ Where it sits: offline, before any recipe runs. Inputs are the hand-written trai
 - ``sft_constraints.jsonl``   single-turn SFT examples whose prompt carries 1-2 verifiable constraints and
                               whose answer was transformed to satisfy them (``pipeline.data.constraints``);
 - ``preferences.jsonl``       TRL conversational preference pairs from training prompts: constraint pairs
-                              (chosen complies; rejected is the plain answer or a near miss) and quality
-                              pairs (correct vs wrong, answers vs rambles, stops vs runs on);
+                              (chosen complies; rejected is the plain answer or a near miss), quality
+                              pairs (correct vs wrong, answers vs rambles, stops vs runs on) and loop
+                              pairs (a compliant answer vs the same answer degenerating into a repeated
+                              line or marker, the way a small model fails under greedy decoding);
 - ``eval_prompts.jsonl``      IFEval-format prompts built only from held-out prompts;
 - ``eval_preferences.jsonl``  the same kinds of pairs, built only from held-out prompts.
 
@@ -49,7 +51,9 @@ from pipeline.data.constraints import (  # noqa: E402
 from pipeline.errors import DataError  # noqa: E402
 
 TYPES = sorted(CONSTRAINTS)
-N_SFT, N_CONSTRAINT_PAIRS, N_EVAL_CONSTRAINT_PAIRS = 250, 300, 30
+N_SFT, N_CONSTRAINT_PAIRS, N_EVAL_CONSTRAINT_PAIRS = 400, 300, 30
+# "Stops vs loops" pairs: a constrained prompt, its compliant answer, and that answer collapsing into a loop.
+N_LOOP_PAIRS = 75
 # Quality pairs per kind: (training, held-out).
 QUALITY_QUOTA = {"wrong_number": (25, 5), "wrong_answer": (25, 5), "ramble": (50, 10),
                  "runs_on_turn": (25, 5), "repeats": (25, 5)}
@@ -368,6 +372,36 @@ def repeats(ex: Example, rng: random.Random) -> str:
     return ex.answer + "".join(["\n\n" + tail.strip()] * rng.randint(1, 2))
 
 
+def looped(response: str, rng: random.Random) -> str | None:
+    """``response`` cut after one of its lines, then that line's start (a marker or phrase) repeated many times.
+
+    Mimics the failure greedy decoding shows after preference training: "Section 2 / Section 2 / …",
+    "* * * *", "<<title>> <<title>> …". None when the answer is a single short line with nothing to loop on.
+    """
+    lines = [line for line in response.split("\n") if line.strip()]
+    if not lines:
+        return None
+    cut = rng.randrange(len(lines))
+    words = lines[cut].split()
+    fragment = " ".join(words[:rng.randint(1, min(4, len(words)))])
+    if len(fragment) < 1:
+        return None
+    kept = "\n".join(lines[:cut + 1])
+    separator = rng.choice(["\n", " ", "\n\n"])
+    return kept + separator + separator.join([fragment] * rng.randint(12, 24))
+
+
+def loop_pairs(pool: Sequence[Example], n: int, rng: random.Random, tag: str) -> list[dict]:
+    """Constrained prompts whose chosen answer complies and whose rejected one runs into a loop."""
+    rows: list[dict] = []
+    stream = constrained_stream(pool, n, rng, round_robin(), lambda ex, c: looped(c.response, rng))
+    for i, (ex, c, text) in enumerate(stream):
+        rows.append({"id": f"{ex.id}/{tag}-loops{i:03d}", "kind": "loops", "prompt": user(c.prompt),
+                     "chosen": assistant(c.response), "rejected": assistant(text),
+                     "instruction_id_list": c.ids, "kwargs": c.kwargs})
+    return rows
+
+
 def quality_pairs(pool: Sequence[Example], quota: dict[str, int], rng: random.Random, tag: str) -> list[dict]:
     """Pairs where chosen is the reference answer and rejected a wrong, rambling or run-on version of it."""
     makers: dict[str, Callable[[Example], str | None]] = {
@@ -441,6 +475,10 @@ def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
     eval_pref_rng.shuffle(eval_pool)
     preferences = constraint_pairs(pool, N_CONSTRAINT_PAIRS, pref_rng, round_robin(), "pref") + quality_pairs(
         training, {k: v[0] for k, v in QUALITY_QUOTA.items()}, pref_rng, "pref")
+    loop_pool = list(single)
+    loop_rng = stream("loops")
+    loop_rng.shuffle(loop_pool)
+    preferences += loop_pairs(loop_pool, N_LOOP_PAIRS, loop_rng, "pref")
     # Mixed order, so that a recipe's `limit: N` on this file takes every kind of pair, not the first kind.
     stream("preferences-order").shuffle(preferences)
     return {

@@ -78,3 +78,29 @@ def test_completion_logps_equal_a_full_forward(tiny_model_dir):
     expected = sum(logps[i - 1, full[i]].item() for i in range(start, len(full)))
     assert n == len(full) - start
     assert abs(logp - expected) < 1e-4
+
+
+def test_batched_completion_logps_match_scoring_each_pair_alone(tiny_model_dir):
+    """Left padding, restarted positions and the kept-logits window must not change any row's score."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import MODEL_DEFAULTS
+    from pipeline.evaluation import completion_logps_batched
+    from pipeline.models import load_tokenizer
+
+    tokenizer = load_tokenizer({**MODEL_DEFAULTS, "name_or_path": str(tiny_model_dir), "chat_template": "chatml"})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    items = [
+        ([{"role": "user", "content": "Say hi."}], [{"role": "assistant", "content": "hi."}]),
+        ([{"role": "user", "content": "Describe the sea in a few words, please, and keep it short."}],
+         [{"role": "assistant", "content": "Waves fold in silver light, quiet and wide and deep."}]),
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}],
+         [{"role": "assistant", "content": "An apple, which is a fruit that grows on a tree."}]),
+    ]
+    alone = [completion_logps_batched(model, tokenizer, [item], batch_size=1)[0] for item in items]
+    batched = completion_logps_batched(model, tokenizer, items, batch_size=3)
+    for (logp_a, n_a), (logp_b, n_b) in zip(alone, batched, strict=True):
+        assert n_a == n_b
+        assert abs(logp_a - logp_b) < 1e-4
+    assert len({n for _, n in batched}) == 3  # the rows really had different completion lengths

@@ -51,7 +51,7 @@ def last_user(messages: list[dict]) -> str:
 
 def test_sft_constraints_are_single_turn_messages_with_appended_instructions(files, instructions):
     rows = files["sft_constraints.jsonl"]
-    assert 240 <= len(rows) <= 260
+    assert 390 <= len(rows) <= 410
     assert len({r["id"] for r in rows}) == len(rows)
     for row in rows:
         assert set(row) == {"id", "messages"}
@@ -61,12 +61,13 @@ def test_sft_constraints_are_single_turn_messages_with_appended_instructions(fil
         assert prompt.startswith(base) and len(prompt) > len(base) + 10
 
 
-@pytest.mark.parametrize("name, constraint_pairs, quality_pairs", [
-    ("preferences.jsonl", (280, 320), (140, 160)), ("eval_preferences.jsonl", (25, 35), (25, 35))])
-def test_preference_files_use_trl_conversational_format(files, name, constraint_pairs, quality_pairs):
+@pytest.mark.parametrize("name, constraint_pairs, loop_pairs, quality_pairs", [
+    ("preferences.jsonl", (280, 320), (70, 80), (140, 160)), ("eval_preferences.jsonl", (25, 35), (0, 0), (25, 35))])
+def test_preference_files_use_trl_conversational_format(files, name, constraint_pairs, loop_pairs, quality_pairs):
     rows = files[name]
     kinds = Counter(r["kind"] for r in rows)
     assert constraint_pairs[0] <= kinds.pop("constraint") <= constraint_pairs[1]
+    assert loop_pairs[0] <= kinds.pop("loops", 0) <= loop_pairs[1]
     assert set(kinds) == {"wrong_number", "wrong_answer", "ramble", "runs_on_turn", "repeats"}
     assert quality_pairs[0] <= sum(kinds.values()) <= quality_pairs[1]
     assert len({r["id"] for r in rows}) == len(rows)
@@ -98,8 +99,21 @@ def test_constraint_pairs_chosen_passes_every_check_and_rejected_fails_one(files
         assert not C.evaluate_response(row["rejected"][0]["content"], ids, kwargs, prompt)["prompt_strict"]
 
 
+def test_loop_pairs_chosen_complies_and_rejected_repeats_a_fragment_of_it(files):
+    rows = [r for r in files["preferences.jsonl"] if r["kind"] == "loops"]
+    assert rows
+    for row in rows:
+        ids, kwargs, prompt = row["instruction_id_list"], row["kwargs"], row["prompt"][-1]["content"]
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert C.evaluate_response(chosen, ids, kwargs, prompt)["prompt_strict"], row["id"]
+        pieces = [p.strip() for p in re.split(r"\n+| ", rejected) if p.strip()]
+        fragment_counts = Counter(pieces)
+        assert max(fragment_counts.values()) >= 12, row["id"]  # it loops
+        assert len(rejected) > len(chosen.split("\n")[0])
+
+
 def test_quality_pairs_chosen_is_the_reference_answer(files, instructions):
-    for row in (r for r in files["preferences.jsonl"] if r["kind"] != "constraint"):
+    for row in (r for r in files["preferences.jsonl"] if r["kind"] not in ("constraint", "loops")):
         source = instructions[source_of(row["id"])]
         assert row["prompt"] == source["messages"][:-1]
         assert row["chosen"][0]["content"] == source["messages"][-1]["content"]
