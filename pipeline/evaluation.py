@@ -131,22 +131,23 @@ def heldout_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, 
     return round(total / max(count, 1), 4)
 
 
-def preference_accuracy(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], desc: str,
-                        batch_size: int = 8) -> dict[str, float]:
-    """Held-out preference accuracy of a PEFT model against its own adapter-disabled reference.
+def pair_logps(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], desc: str,
+               batch_size: int = 8) -> list[tuple[float, float]]:
+    """``(log π(chosen|x), log π(rejected|x))`` of every preference pair under ``model``."""
+    items = [(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")]
+    scored = [logp for logp, _ in _batched_with_progress(model, tokenizer, items, desc, batch_size)]
+    return list(zip(scored[0::2], scored[1::2], strict=True))
+
+
+def preference_accuracy(policy: list[tuple[float, float]], reference: list[tuple[float, float]]) -> dict[str, float]:
+    """Held-out preference accuracy from :func:`pair_logps` of a model and of its reference model.
 
     ``implicit_reward_acc``: the DPO implicit reward log π(y|x) − log π_ref(y|x) ranks chosen above rejected.
     ``likelihood_acc``: the model alone gives chosen a higher log-prob than rejected.
     """
-    items = [(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")]
-    policy = [logp for logp, _ in _batched_with_progress(model, tokenizer, items, desc, batch_size)]
-    with model.disable_adapter():
-        reference = [logp for logp, _ in _batched_with_progress(model, tokenizer, items, f"{desc} (reference)",
-                                                                batch_size)]
-    implicit = [(policy[2 * k] - reference[2 * k]) > (policy[2 * k + 1] - reference[2 * k + 1])
-                for k in range(len(pairs))]
-    likelihood = [policy[2 * k] > policy[2 * k + 1] for k in range(len(pairs))]
-    n = max(len(pairs), 1)
+    implicit = [(c - rc) > (r - rr) for (c, r), (rc, rr) in zip(policy, reference, strict=True)]
+    likelihood = [c > r for c, r in policy]
+    n = max(len(policy), 1)
     return {"implicit_reward_acc": round(sum(implicit) / n, 4), "likelihood_acc": round(sum(likelihood) / n, 4)}
 
 

@@ -104,3 +104,39 @@ def test_batched_completion_logps_match_scoring_each_pair_alone(tiny_model_dir):
         assert n_a == n_b
         assert abs(logp_a - logp_b) < 1e-4
     assert len({n for _, n in batched}) == 3  # the rows really had different completion lengths
+
+
+def test_continuous_batching_generation_matches_greedy_generate_one_prompt_at_a_time(tiny_model_dir):
+    """More prompts than slots (slots are refilled), mixed lengths: same tokens, same order, stops detected."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import MODEL_DEFAULTS
+    from pipeline.inference import generate
+    from pipeline.models import configure_generation, load_tokenizer
+
+    tokenizer = load_tokenizer({**MODEL_DEFAULTS, "name_or_path": str(tiny_model_dir), "chat_template": "chatml"})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    configure_generation(model, tokenizer)
+    convs = [[{"role": "user", "content": text}] for text in
+             ["Say hi.", "Describe the sea in a few words, please.", "Name a fruit.", "What is the capital of France?",
+              "Write a short poem about the sea and the moon and the rain."]]
+
+    def one_at_a_time(conv: list[dict], max_new_tokens: int) -> list[int]:
+        ids = tokenizer.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens,
+                             eos_token_id=None)
+        return out[0, ids["input_ids"].shape[1]:].tolist()
+
+    expected = [one_at_a_time(c, 6) for c in convs]
+    # Make the third token of the second answer a stop token: that answer must end there, the others not.
+    stop = expected[1][2]
+    model.generation_config.eos_token_id = [*model.generation_config.eos_token_id, stop]
+    results = generate(model, tokenizer, convs, max_new_tokens=6, batch_size=2)
+    for tokens, result in zip(expected, results, strict=True):
+        cut = tokens.index(stop) if stop in tokens else None
+        kept = tokens[:cut] if cut is not None else tokens
+        assert result["stopped"] == (cut is not None)
+        assert result["new_tokens"] == len(kept)
+        assert result["text"] == tokenizer.decode(kept, skip_special_tokens=True).strip()
+    assert results[1]["stopped"] and results[1]["new_tokens"] <= 2

@@ -4,6 +4,10 @@ Writes ``<output_dir>/eval/metrics.json``, ``report.md``, PNG plots and ``genera
 Metrics: format compliance (answers, then stops), IFEval-style constraint accuracy (strict/loose, per
 type), held-out preference accuracy (DPO implicit reward vs the stage's reference), held-out loss of
 reference answers; plus the SFT/DPO training loss curves.
+
+The reference of each stage is the model it started from: the base model for ``sft``, the SFT model for
+``dpo`` (in both ``dpo.start`` modes: the merged SFT weights, or TRL's frozen copy of the SFT adapter).
+Each model scores the held-out pairs once, adapter merged, and serves as the next stage's reference.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pipeline.evaluation import (
     generate_for_prompts,
     heldout_loss,
     load_prompts,
+    pair_logps,
     plot_loss_curves,
     plot_model_comparison,
     plot_per_type,
@@ -35,24 +40,34 @@ from pipeline.stages.context import StageContext
 MAX_HELDOUT_ROWS = 100
 
 
+REFERENCE = {"sft": "base", "dpo": "sft"}  # the model each stage started from (its DPO reference)
+
+
 def _load_for(ctx: StageContext, name: str) -> tuple[Any, Any]:
     if name == "base":
         model, tokenizer = load_base_model(ctx.recipe.model), load_tokenizer(ctx.recipe.model)
         configure_generation(model, tokenizer)
         return model.eval(), tokenizer
-    return load(ctx.upstream_dir(name))
+    return load(ctx.upstream_dir(name), merge=True)  # merged: faster, same outputs
 
 
-def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversations: list, pairs: list) -> dict:
+def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversations: list, pairs: list,
+                    logps: dict[str, list], needed: set[str]) -> dict:
+    """Metrics of one model; fills ``logps[name]`` (its pair log-probs) when a stage needs them."""
     cfg = ctx.recipe.eval
     model, tokenizer = _load_for(ctx, name)
     metrics: dict[str, Any] = {}
     if conversations:
         metrics["heldout_loss"] = heldout_loss(model, tokenizer, conversations, desc=f"{name} held-out loss")
-    if pairs and name != "base":  # the base model has no reference to compare against
-        metrics.update(preference_accuracy(model, tokenizer, pairs, desc=f"{name} preferences"))
-    if name != "base":
-        model = model.merge_and_unload()  # faster generation, same outputs
+    if pairs and name in needed:
+        logps[name] = pair_logps(model, tokenizer, pairs, desc=f"{name} preference pairs")
+    if pairs and name in REFERENCE:
+        reference = REFERENCE[name]
+        if reference not in logps:  # its reference is not evaluated itself: score the pairs with it alone
+            ref_model, ref_tokenizer = _load_for(ctx, reference)
+            logps[reference] = pair_logps(ref_model, ref_tokenizer, pairs, desc=f"{reference} preference pairs")
+            del ref_model
+        metrics.update(preference_accuracy(logps[name], logps[reference]))
     outputs = generate_for_prompts(model, tokenizer, prompts, max_new_tokens=cfg["max_new_tokens"],
                                    batch_size=cfg["batch_size"], desc=f"{name} generation")
     metrics.update(score_generations(prompts, outputs))
@@ -117,7 +132,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         pairs = _held_out(ctx, "dpo_eval")
     pairs = pairs[: cfg["max_pairs"]]
     names = [n for n in cfg["models"] if n == "base" or n in ctx.upstream]
-    metrics = {name: _evaluate_model(ctx, name, prompts, conversations, pairs) for name in names}
+    order = ["base", "sft", "dpo"]  # references before the stages that use them
+    names = sorted((n for n in names if n in order), key=order.index)
+    needed = {n for n in names if n in REFERENCE} | {REFERENCE[n] for n in names if n in REFERENCE}
+    logps: dict[str, list] = {}
+    metrics = {name: _evaluate_model(ctx, name, prompts, conversations, pairs, logps, needed) for name in names}
 
     histories = {}
     for stage in ("sft", "dpo"):
