@@ -166,3 +166,23 @@ def test_continue_adapter_mode_trains_the_sft_adapter(tiny_recipe):
     sft_w, dpo_w = load_file(out / "sft" / "adapter_model.safetensors"), load_file(out / "dpo" / "adapter_model.safetensors")
     assert sft_w.keys() == dpo_w.keys()
     assert any(not torch.equal(sft_w[k], dpo_w[k]) for k in sft_w)
+
+
+def test_eval_reference_for_dpo_scores_like_the_dpo_model_with_its_adapter_disabled(completed_run):
+    """The eval stage scores DPO pairs against the merged SFT model; that must be TRL's reference exactly."""
+    from pipeline.evaluation import pair_logps
+    from pipeline.inference import load
+
+    out = Path(completed_run["output_dir"])
+    pairs = [{"prompt": [{"role": "user", "content": f"Say hello number {i}."}],
+              "chosen": [{"role": "assistant", "content": f"hello {i}."}],
+              "rejected": [{"role": "assistant", "content": f"no. I will ramble on {i} times."}]} for i in range(3)]
+    sft_model, sft_tokenizer = load(out / "sft", merge=True)
+    as_reference = pair_logps(sft_model, sft_tokenizer, pairs, desc="sft")
+    dpo_model, dpo_tokenizer = load(out / "dpo")
+    with dpo_model.disable_adapter():
+        trl_reference = pair_logps(dpo_model, dpo_tokenizer, pairs, desc="dpo reference")
+    policy = pair_logps(dpo_model, dpo_tokenizer, pairs, desc="dpo")
+    for (c1, r1), (c2, r2) in zip(as_reference, trl_reference, strict=True):
+        assert abs(c1 - c2) < 1e-3 and abs(r1 - r2) < 1e-3
+    assert any(abs(p[0] - q[0]) > 1e-3 for p, q in zip(policy, trl_reference, strict=True))  # DPO moved the model
