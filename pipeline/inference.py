@@ -63,10 +63,14 @@ def load(stage_dir: str | Path, *, merge: bool = False, dtype: str | None = None
     return model, tokenizer
 
 
+def _plain_text(messages: list[dict[str, str]], controls: list[str]) -> list[dict[str, str]]:
+    """The conversation with control tokens typed as text neutralised, so they stay plain text."""
+    return [{**m, "content": neutralise_control_tokens(m["content"], controls)} for m in messages]
+
+
 def chat_inputs(tokenizer: Any, messages: list[dict[str, str]], device: Any) -> dict[str, torch.Tensor]:
     """Tokenise a conversation for generation; control tokens typed as text stay plain text."""
-    controls = control_tokens(tokenizer)
-    safe = [{**m, "content": neutralise_control_tokens(m["content"], controls)} for m in messages]
+    safe = _plain_text(messages, control_tokens(tokenizer))
     encoded = tokenizer.apply_chat_template(safe, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     return {k: v.to(device) for k, v in encoded.items()}
 
@@ -88,10 +92,8 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
     controls = control_tokens(tokenizer)
     stops = list(model.generation_config.eos_token_id or [])
     inputs = [
-        tokenizer.apply_chat_template(
-            [{**m, "content": neutralise_control_tokens(m["content"], controls)} for m in conv],
-            add_generation_prompt=True, tokenize=True, return_dict=True,
-        )["input_ids"]
+        tokenizer.apply_chat_template(_plain_text(conv, controls), add_generation_prompt=True, tokenize=True,
+                                      return_dict=True)["input_ids"]
         for conv in conversations
     ]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,

@@ -256,6 +256,12 @@ def build_sft(training: Sequence[Example], rng: random.Random) -> list[dict]:
             for i, (ex, c, _) in enumerate(constrained_stream(pool, N_SFT, rng, round_robin()))]
 
 
+def constrained_pair(row_id: str, kind: str, c: Constrained, rejected: str) -> dict:
+    """A preference row whose prompt carries constraints and whose chosen answer satisfies them."""
+    return {"id": row_id, "kind": kind, "prompt": user(c.prompt), "chosen": assistant(c.response),
+            "rejected": assistant(rejected), "instruction_id_list": c.ids, "kwargs": c.kwargs}
+
+
 def rejected_for(ex: Example, c: Constrained, rng: random.Random, prefer_plain: bool) -> str | None:
     """The plain answer or a near miss on one constraint; must fail a check and differ from the chosen."""
     target = rng.choice(c.ids)
@@ -277,9 +283,7 @@ def constraint_pairs(pool: Sequence[Example], n: int, rng: random.Random,
         return rejected_for(ex, c, rng, prefer_plain=len(rows) % 2 == 0)  # alternate plain / near miss
 
     for i, (ex, c, text) in enumerate(constrained_stream(pool, n, rng, primaries, rejected)):
-        rows.append({"id": f"{ex.id}/{tag}{i:03d}", "kind": "constraint", "prompt": user(c.prompt),
-                     "chosen": assistant(c.response), "rejected": assistant(text),
-                     "instruction_id_list": c.ids, "kwargs": c.kwargs})
+        rows.append(constrained_pair(f"{ex.id}/{tag}{i:03d}", "constraint", c, text))
     return rows
 
 
@@ -396,9 +400,7 @@ def loop_pairs(pool: Sequence[Example], n: int, rng: random.Random, tag: str) ->
     rows: list[dict] = []
     stream = constrained_stream(pool, n, rng, round_robin(), lambda ex, c: looped(c.response, rng))
     for i, (ex, c, text) in enumerate(stream):
-        rows.append({"id": f"{ex.id}/{tag}-loops{i:03d}", "kind": "loops", "prompt": user(c.prompt),
-                     "chosen": assistant(c.response), "rejected": assistant(text),
-                     "instruction_id_list": c.ids, "kwargs": c.kwargs})
+        rows.append(constrained_pair(f"{ex.id}/{tag}-loops{i:03d}", "loops", c, text))
     return rows
 
 

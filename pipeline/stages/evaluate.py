@@ -131,9 +131,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     else:
         pairs = _held_out(ctx, "dpo_eval")
     pairs = pairs[: cfg["max_pairs"]]
-    names = [n for n in cfg["models"] if n == "base" or n in ctx.upstream]
-    order = ["base", "sft", "dpo"]  # references before the stages that use them
-    names = sorted((n for n in names if n in order), key=order.index)
+    # In pipeline order, so each reference is scored before the stage that uses it.
+    names = [n for n in ("base", "sft", "dpo") if n in cfg["models"] and (n == "base" or n in ctx.upstream)]
     needed = {n for n in names if n in REFERENCE} | {REFERENCE[n] for n in names if n in REFERENCE}
     logps: dict[str, list] = {}
     metrics = {name: _evaluate_model(ctx, name, prompts, conversations, pairs, logps, needed) for name in names}
