@@ -3,7 +3,8 @@
 Rules (README "Stages and resuming"):
 - a stage whose manifest exists with an unchanged fingerprint is skipped;
 - a changed fingerprint (its settings, data or an upstream changed) re-runs it, and since each
-  fingerprint includes its upstreams', everything after it re-runs too;
+  fingerprint includes what it uses of its upstreams', everything after it that uses what changed
+  re-runs too (new preference data re-runs prepare and dpo, not sft);
 - a stage directory without a manifest but with Trainer checkpoints from the same fingerprint resumes;
 - ``--stage S`` runs only S, ``--from S`` re-runs S and everything after it, ``--force`` re-runs.
 """
@@ -34,6 +35,9 @@ from pipeline.stages.context import StageContext
 from pipeline.stages.training import clear_checkpoints
 
 UPSTREAM = {"prepare": (), "sft": ("prepare",), "dpo": ("prepare", "sft"), "eval": ("prepare", "sft", "dpo")}
+# prepare writes the SFT rows and the preference pairs; the training stages depend only on their own part,
+# so new preference data leaves a finished SFT alone. eval reads both held-out splits: the whole of prepare.
+PREPARE_PARTS = ("sft", "dpo")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
@@ -55,17 +59,23 @@ def _tokenizer_hash(model_cfg: dict[str, Any]) -> str:
     return fingerprint(str(resolved) if not files else "", files, model_cfg["revision"], template)
 
 
+def _prepare_part(recipe: Recipe, kind: str) -> dict[str, Any]:
+    """What one of prepare's two outputs (``sft_*`` or ``dpo_*``) depends on."""
+    data = recipe.data
+    return {
+        "enabled": getattr(recipe, kind) is not None,
+        "sources": data[kind],
+        "hashes": {s["path"]: _content_hash(s["path"]) for s in data[kind]},
+        "split": {key: data[key] for key in ("eval_fraction", "max_eval_rows", "seed")},
+        "tokenizer": _tokenizer_hash(recipe.model),
+        "max_length": (getattr(recipe, kind) or {}).get("max_length"),
+    }
+
+
 def stage_config(recipe: Recipe, stage: str) -> dict[str, Any]:
     """The part of the recipe (plus data content hashes) that determines a stage's output."""
-    if stage == "prepare":
-        data = recipe.data
-        return {
-            "data": data,
-            "data_hashes": {s["path"]: _content_hash(s["path"]) for s in data["sft"] + data["dpo"]},
-            "tokenizer": _tokenizer_hash(recipe.model),
-            "sft_max_length": (recipe.sft or {}).get("max_length"),
-            "dpo_max_length": (recipe.dpo or {}).get("max_length"),
-        }
+    if stage == "prepare":  # two independent outputs: the SFT rows and the preference pairs
+        return {kind: _prepare_part(recipe, kind) for kind in PREPARE_PARTS}
     if stage == "sft":
         return {"model": recipe.model, "lora": recipe.lora, "sft": recipe.sft}
     if stage == "dpo":
@@ -83,6 +93,16 @@ class StageOutcome:
     fingerprint: str
     wall_time_s: float = 0.0
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _parts(stage: str, config: dict[str, Any]) -> dict[str, str]:
+    """Fingerprints of the outputs a stage's successors consume separately (prepare's two data sets)."""
+    return {kind: fingerprint("prepare", kind, config[kind]) for kind in PREPARE_PARTS} if stage == "prepare" else {}
+
+
+def _input_fingerprint(upstream_manifest: dict[str, Any], stage: str) -> str:
+    """What ``stage`` depends on from an upstream stage: its own part of it if it has one, else all of it."""
+    return upstream_manifest.get("parts", {}).get(stage, upstream_manifest["fingerprint"])
 
 
 def _stage_runner(stage: str) -> Callable[[StageContext], dict[str, Any]]:
@@ -136,7 +156,7 @@ def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None 
                         f"Run it first: --stage {up} (or run the whole recipe without --stage)."
                     )
                 upstream[up] = manifest
-            inputs = {up: upstream[up]["fingerprint"] for up in upstream_names}
+            inputs = {up: _input_fingerprint(upstream[up], name) for up in upstream_names}
             config = stage_config(recipe, name)
             fp = fingerprint(name, config, inputs)
             fingerprints[name] = fp
@@ -161,10 +181,17 @@ def _run_one(recipe: Recipe, name: str, stage_dir: Path, fp: str, inputs: dict[s
         log(f"[{name}] re-running ({why})")
     if not resumable:
         clear_checkpoints(stage_dir)
-    # Anything downstream was built from the old output: mark it stale before touching this stage.
+    parts = _parts(name, config)
+    # Anything downstream built from what this stage is about to replace is stale: mark it before touching
+    # this stage. A later stage whose input from here stays the same (its part of prepare) is kept.
     invalidate(stage_dir)
+    changed = {name}
     for later in STAGES[STAGES.index(name) + 1:]:
-        if invalidate(recipe.stage_dir(later)):
+        used = (read_manifest(recipe.stage_dir(later)) or {}).get("inputs", {})
+        stale = any(up in changed for up in used if up != name) or (
+            name in used and (forced or used[name] != parts.get(later, fp)))
+        if stale and invalidate(recipe.stage_dir(later)):
+            changed.add(later)
             log(f"[{later}] marked stale (upstream '{name}' is re-running)")
     stage_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stage_dir / IN_PROGRESS, {"fingerprint": fp, "started": time.time()})
@@ -173,8 +200,9 @@ def _run_one(recipe: Recipe, name: str, stage_dir: Path, fp: str, inputs: dict[s
     start = time.time()
     metrics = _stage_runner(name)(ctx)
     wall = time.time() - start
+    extra = {**ctx.extra, **({"parts": parts} if parts else {})}
     write_manifest(stage_dir, stage=name, fingerprint_=fp, inputs=inputs, config=config, metrics=metrics,
-                   wall_time_s=wall, extra=ctx.extra)
+                   wall_time_s=wall, extra=extra)
     clear_checkpoints(stage_dir)  # the finished stage no longer needs them; the manifest is written
     resumed = ctx.extra.get("resumed_from_step", 0)
     log(f"[{name}] done in {wall:.1f}s" + (f" (resumed from step {resumed})" if resumed else ""))

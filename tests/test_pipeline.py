@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import load_from_disk
 
 from pipeline.config import apply_overrides, validate_recipe
 from pipeline.errors import PipelineError
@@ -55,6 +56,21 @@ def test_changed_setting_reruns_that_stage_and_later_only(completed_run):
     assert _manifest(completed_run, "prepare")["fingerprint"] == before
     assert _run(completed_run, "sft.learning_rate=5e-3", "dpo.beta=0.2") == {
         "prepare": "skipped", "sft": "skipped", "dpo": "ran"}
+
+
+def test_new_preference_data_reruns_dpo_but_keeps_the_finished_sft(completed_run):
+    sft_before = _manifest(completed_run, "sft")["fingerprint"]
+    prefs = completed_run["data"]["dpo"][0]["path"]
+    limited = f"data.dpo=[{{path: '{prefs}', limit: 10}}]"
+    assert _run(completed_run, limited) == {"prepare": "ran", "sft": "skipped", "dpo": "ran"}
+    assert _manifest(completed_run, "sft")["fingerprint"] == sft_before
+    prepare = _manifest(completed_run, "prepare")
+    assert _manifest(completed_run, "dpo")["inputs"]["prepare"] == prepare["parts"]["dpo"]
+    assert len(load_from_disk(str(Path(completed_run["output_dir"]) / "prepare" / "dpo_train"))) < 10
+    # new SFT rows change the SFT data: SFT and everything after it re-run
+    sft_data = completed_run["data"]["sft"][0]["path"]
+    assert _run(completed_run, limited, f"data.sft=[{{path: '{sft_data}', format: alpaca, limit: 20}}]") == {
+        "prepare": "ran", "sft": "ran", "dpo": "ran"}
 
 
 def test_stage_flag_runs_only_that_stage_and_from_reruns_the_rest(completed_run):

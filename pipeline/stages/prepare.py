@@ -10,6 +10,7 @@ token the model must learn to emit).
 from __future__ import annotations
 
 import random
+import shutil
 from collections import Counter
 from typing import Any
 
@@ -51,6 +52,7 @@ def _split(rows: list[dict], fraction: float, cap: int, seed: int) -> tuple[list
 
 
 def _save(ctx: StageContext, name: str, rows: list[dict]) -> None:
+    shutil.rmtree(ctx.stage_dir / name, ignore_errors=True)  # no split left over from an earlier run
     if rows:
         Dataset.from_list(rows).save_to_disk(str(ctx.stage_dir / name))
 
