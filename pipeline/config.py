@@ -77,10 +77,12 @@ DPO_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1,
     "per_device_train_batch_size": 2,
     "beta": 0.1,
-    # pipeline key: how DPO starts from the SFT result (see README "SFT → DPO hand-off")
+    # pipeline keys: how DPO starts from the SFT result (see README "SFT → DPO hand-off"), and whether a pair
+    # with verifiable constraints takes the SFT model's own failing answer as its rejected one
     "start": "merge",
+    "on_policy_rejected": False,
 }
-DPO_PIPELINE_KEYS = {"start": ("merge", "continue_adapter")}
+DPO_PIPELINE_KEYS = {"start": ("merge", "continue_adapter"), "on_policy_rejected": (True, False)}
 EVAL_DEFAULTS: dict[str, Any] = {
     "prompts": None,  # JSONL with IFEval-style prompt / instruction_id_list / kwargs
     "preferences": None,  # held-out preference pairs; None: the held-out split of data.dpo

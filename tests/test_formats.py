@@ -123,6 +123,18 @@ def test_preference_with_string_prompt_becomes_trl_conversational_format(tmp_pat
     }]
 
 
+def test_preference_constraints_travel_with_the_pair_as_json_text(tmp_path):
+    row = {"prompt": "Say hi. Use no commas.", "chosen": "Hi there.", "rejected": "Hi, there.",
+           "instruction_id_list": ["punctuation:no_comma", "startend:end_checker"],
+           "kwargs": [{}, {"end_phrase": "there."}]}
+    (pair,) = pref_one(tmp_path, row)
+    assert json.loads(pair["constraints"]) == {"instruction_id_list": row["instruction_id_list"],
+                                               "kwargs": row["kwargs"]}
+    rows, report = load_preference_examples([{"path": write_lines(tmp_path / "bad.jsonl", [
+        {**row, "kwargs": [{}]}, {**row, "instruction_id_list": "punctuation:no_comma"}, row])}])
+    assert rows == [pair] and report["drop_reasons"] == {"bad_constraints": 2}
+
+
 def test_preference_message_lists_keep_a_leading_system_and_earlier_turns(tmp_path):
     prompt = [msg("system", "Be nice."), msg("user", "Hi"), msg("assistant", "Hello"), msg("user", "Joke?")]
     row = {"prompt": prompt, "chosen": [msg("assistant", "Knock knock.")],

@@ -563,7 +563,24 @@ def _preference_row(record: dict) -> dict:
             roles = [m["role"] for m in answer]
             raise _Drop("bad_completion", f"{name} must be exactly one assistant message after the prompt, "
                                           f"got roles {roles}")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if record.get("instruction_id_list") is not None:
+        row["constraints"] = _constraints(record)
+    return row
+
+
+def _constraints(record: dict) -> str:
+    """The prompt's verifiable constraints (IFEval-style ``instruction_id_list`` + ``kwargs``) as JSON text.
+
+    Kept as text because each constraint's kwargs have their own keys (Arrow would merge them into one struct).
+    """
+    ids, kwargs = record["instruction_id_list"], record.get("kwargs")
+    if kwargs is None:
+        kwargs = [{} for _ in ids] if isinstance(ids, list) else None
+    if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids) and isinstance(kwargs, list)
+            and len(kwargs) == len(ids) and all(isinstance(k, dict) for k in kwargs)):
+        raise _Drop("bad_constraints", "instruction_id_list must be a list of strings with one kwargs object each")
+    return json.dumps({"instruction_id_list": ids, "kwargs": kwargs}, ensure_ascii=False)
 
 
 def _parse_messages(value: Any, where: str) -> list[dict]:
@@ -715,6 +732,8 @@ def _neutralise(text: str, pattern: re.Pattern[str]) -> str:
 def _neutralise_row(row: dict, pattern: re.Pattern[str]) -> int:
     changed = 0
     for messages in row.values():
+        if not isinstance(messages, list):  # e.g. a pair's constraints: metadata, not text the model reads
+            continue
         for message in messages:
             text = _neutralise(message["content"], pattern)
             if text != message["content"]:

@@ -7,6 +7,11 @@ Hand-off modes (``dpo.start``, recorded in the manifest):
   log-probs with the adapter disabled, so the reference is the SFT model, not the raw base.
 - ``continue_adapter``: the SFT adapter itself keeps training; TRL copies it into a frozen ``ref``
   adapter that serves as the reference.
+
+With ``dpo.on_policy_rejected: true``, pairs whose prompt carries verifiable constraints (IFEval-style
+``instruction_id_list`` + ``kwargs``) are first answered by the SFT model (greedy); where its answer stops
+but fails a check, that answer becomes the pair's rejected one, so DPO pushes down what the model actually
+does wrong, not only a synthetic mistake (on-policy rejections, as in Tulu 3's preference data).
 """
 
 from __future__ import annotations
@@ -14,15 +19,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from datasets import load_from_disk
+import json
+
+from datasets import Dataset, load_from_disk
 from peft import PeftModel
 from trl import DPOConfig, DPOTrainer
 
-from pipeline.artifacts import atomic_directory
+from pipeline.artifacts import atomic_directory, atomic_write_text
+from pipeline.data.constraints import CONSTRAINTS, evaluate_response
+from pipeline.inference import generate, load
 from pipeline.errors import PipelineError
 from pipeline.models import load_base_model, load_tokenizer, lora_config, resolve_model_path
 from pipeline.stages.context import StageContext
 from pipeline.stages.training import (
+    CHECKPOINTS,
     StopOnNonFiniteLoss,
     check_save_cadence,
     save_stage_model,
@@ -31,6 +41,9 @@ from pipeline.stages.training import (
 )
 
 MERGED = "sft_merged"
+ON_POLICY_ANSWERS = "on_policy_answers.jsonl"  # in checkpoints/: a resumed stage does not generate again
+ON_POLICY_MAX_NEW_TOKENS = 200
+ON_POLICY_BATCH = 32
 
 
 def merge_sft_adapter(model_cfg: dict[str, Any], sft_dir: Path, target: Path) -> Path:
@@ -46,6 +59,53 @@ def merge_sft_adapter(model_cfg: dict[str, Any], sft_dir: Path, target: Path) ->
     return target
 
 
+def _checkable(constraints: str | None) -> dict[str, list] | None:
+    """The pair's constraints when there are some and we have a checker for each, else None."""
+    parsed = json.loads(constraints) if constraints else None
+    if not parsed or not parsed["instruction_id_list"]:
+        return None
+    return parsed if all(i in CONSTRAINTS for i in parsed["instruction_id_list"]) else None
+
+
+def _without_constraints(rows: Dataset) -> Dataset:
+    """TRL takes prompt / chosen / rejected only."""
+    return rows.remove_columns("constraints") if "constraints" in rows.column_names else rows
+
+
+def with_on_policy_rejected(rows: Dataset, sft_dir: Path, cache: Path) -> tuple[Dataset, dict[str, int]]:
+    """Replace the rejected answer of constrained pairs by the SFT model's own answer where it fails a check.
+
+    Only answers that stop on their own are used: a cut-off answer would teach DPO that ending there is bad.
+    Returns the pairs and counts.
+    """
+    checks = [_checkable(c) for c in rows["constraints"]]
+    todo = [i for i, c in enumerate(checks) if c]
+    if cache.is_file():
+        answers = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()]
+    else:
+        print(f"  on-policy rejections: the SFT model answers {len(todo)} constrained prompts", flush=True)
+        policy, tokenizer = load(sft_dir, merge=True)
+        answers = generate(policy, tokenizer, [rows[i]["prompt"] for i in todo],
+                           max_new_tokens=ON_POLICY_MAX_NEW_TOKENS, batch_size=ON_POLICY_BATCH, progress=True)
+        del policy
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
+    rejected = list(rows["rejected"])
+    passed = replaced = 0
+    for i, answer in zip(todo, answers, strict=True):
+        user_turn = rows[i]["prompt"][-1]["content"]
+        ok = evaluate_response(answer["text"], checks[i]["instruction_id_list"], checks[i]["kwargs"],
+                               user_turn)["prompt_strict"]
+        passed += ok
+        if answer["stopped"] and answer["text"] and not ok:
+            rejected[i] = [{"role": "assistant", "content": answer["text"]}]
+            replaced += 1
+    rows = rows.remove_columns("rejected").add_column("rejected", rejected)
+    stats = {"on_policy_prompts": len(todo), "on_policy_passed": passed, "on_policy_rejected": replaced}
+    print(f"  on-policy rejections: SFT passed {passed}/{len(todo)}; {replaced} rejected answers replaced", flush=True)
+    return rows, stats
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     recipe = ctx.recipe
     check_save_cadence(recipe.dpo)
@@ -53,6 +113,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     train = load_from_disk(str(prepared / "dpo_train"))
     evaluation = load_from_disk(str(prepared / "dpo_eval")) if (prepared / "dpo_eval").exists() else None
     tokenizer = load_tokenizer(recipe.model, path=str(sft_dir))  # carries the SFT chat template
+    on_policy: dict[str, int] = {}
+    if recipe.dpo["on_policy_rejected"]:
+        if "constraints" not in train.column_names:
+            raise PipelineError("dpo.on_policy_rejected needs preference rows with IFEval-style "
+                                "'instruction_id_list' and 'kwargs' fields in data.dpo; none has them.")
+        train, on_policy = with_on_policy_rejected(train, sft_dir, ctx.stage_dir / CHECKPOINTS / ON_POLICY_ANSWERS)
+    train = _without_constraints(train)
+    evaluation = _without_constraints(evaluation) if evaluation is not None else None
 
     mode = recipe.dpo["start"]
     if mode == "merge":
@@ -72,7 +140,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         model = PeftModel.from_pretrained(load_base_model(recipe.model), str(sft_dir), is_trainable=True)
         peft_config = None
 
-    args = DPOConfig(**trainer_arguments(recipe.dpo, recipe.model, ctx.stage_dir, pipeline_keys=("start",)))
+    args = DPOConfig(**trainer_arguments(recipe.dpo, recipe.model, ctx.stage_dir, pipeline_keys=("start", "on_policy_rejected")))
     trainer = DPOTrainer(
         model=model,
         ref_model=None,
@@ -86,4 +154,4 @@ def run(ctx: StageContext) -> dict[str, Any]:
     metrics, resumed_from = train_with_resume(trainer, ctx.stage_dir)
     save_stage_model(trainer, tokenizer, ctx.stage_dir, base_path)
     ctx.extra.update(start=mode, base_model=base_path, resumed_from_step=resumed_from)
-    return metrics
+    return {**on_policy, **metrics}

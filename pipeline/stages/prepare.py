@@ -54,7 +54,9 @@ def _split(rows: list[dict], fraction: float, cap: int, seed: int) -> tuple[list
 def _save(ctx: StageContext, name: str, rows: list[dict]) -> None:
     shutil.rmtree(ctx.stage_dir / name, ignore_errors=True)  # no split left over from an earlier run
     if rows:
-        Dataset.from_list(rows).save_to_disk(str(ctx.stage_dir / name))
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # optional ones (constraints) too
+        Dataset.from_dict({key: [row.get(key) for row in rows] for key in columns}).save_to_disk(
+            str(ctx.stage_dir / name))
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
