@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from datasets import Dataset
+from test_pipeline import _manifest, _run
 
 from pipeline.stages.dpo import with_on_policy_rejected
-from test_pipeline import _manifest, _run
 
 NO_COMMA = json.dumps({"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]})
 ENDS = json.dumps({"instruction_id_list": ["startend:end_checker"], "kwargs": [{"end_phrase": "Bye."}]})

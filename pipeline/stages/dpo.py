@@ -16,10 +16,9 @@ does wrong, not only a synthetic mistake (on-policy rejections, as in Tulu 3's p
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
-
-import json
 
 from datasets import Dataset, load_from_disk
 from peft import PeftModel
@@ -27,8 +26,8 @@ from trl import DPOConfig, DPOTrainer
 
 from pipeline.artifacts import atomic_directory, atomic_write_text
 from pipeline.data.constraints import CONSTRAINTS, evaluate_response
-from pipeline.inference import generate, load
 from pipeline.errors import PipelineError
+from pipeline.inference import generate, load
 from pipeline.models import load_base_model, load_tokenizer, lora_config, resolve_model_path
 from pipeline.stages.context import StageContext
 from pipeline.stages.training import (
