@@ -34,7 +34,7 @@ def test_only_stopped_failing_answers_replace_the_rejected_one(tmp_path):
         {"text": "See you. Bye.", "stopped": True, "new_tokens": 4},
         {"text": "Red, blue, green, red, blue", "stopped": False, "new_tokens": 200},
     ]))
-    out, stats = with_on_policy_rejected(rows, tmp_path / "unused-sft", cache)
+    out, stats = with_on_policy_rejected(rows, None, None, cache)  # cached: no model needed
     assert [r[0]["content"] for r in out["rejected"]] == ["Apples, pears.", "synthetic", "synthetic", "synthetic",
                                                           "synthetic"]
     assert out["chosen"] == rows["chosen"] and out["prompt"] == rows["prompt"]

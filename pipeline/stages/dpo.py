@@ -25,10 +25,17 @@ from peft import PeftModel
 from trl import DPOConfig, DPOTrainer
 
 from pipeline.artifacts import atomic_directory, atomic_write_text
+from pipeline.config import DPO_PIPELINE_KEYS
 from pipeline.data.constraints import CONSTRAINTS, evaluate_response
 from pipeline.errors import PipelineError
-from pipeline.inference import generate, load
-from pipeline.models import load_base_model, load_tokenizer, lora_config, resolve_model_path
+from pipeline.inference import generate
+from pipeline.models import (
+    configure_generation,
+    load_base_model,
+    load_tokenizer,
+    lora_config,
+    resolve_model_path,
+)
 from pipeline.stages.context import StageContext
 from pipeline.stages.training import (
     CHECKPOINTS,
@@ -71,28 +78,31 @@ def _without_constraints(rows: Dataset) -> Dataset:
     return rows.remove_columns("constraints") if "constraints" in rows.column_names else rows
 
 
-def with_on_policy_rejected(rows: Dataset, sft_dir: Path, cache: Path) -> tuple[Dataset, dict[str, int]]:
-    """Replace the rejected answer of constrained pairs by the SFT model's own answer where it fails a check.
+def with_on_policy_rejected(rows: Dataset, policy: Any, tokenizer: Any,
+                            cache: Path) -> tuple[Dataset, dict[str, int]]:
+    """Replace the rejected answer of constrained pairs by ``policy``'s own answer where it fails a check.
 
     Only answers that stop on their own are used: a cut-off answer would teach DPO that ending there is bad.
-    Returns the pairs and counts.
+    The answers are cached (``cache``), so a resumed stage does not generate again. Returns the pairs and counts.
     """
     checks = [_checkable(c) for c in rows["constraints"]]
+    prompts = rows["prompt"]
     todo = [i for i, c in enumerate(checks) if c]
     if cache.is_file():
         answers = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()]
     else:
         print(f"  on-policy rejections: the SFT model answers {len(todo)} constrained prompts", flush=True)
-        policy, tokenizer = load(sft_dir, merge=True)
-        answers = generate(policy, tokenizer, [rows[i]["prompt"] for i in todo],
+        training = policy.training
+        configure_generation(policy, tokenizer)
+        answers = generate(policy.eval(), tokenizer, [prompts[i] for i in todo],
                            max_new_tokens=ON_POLICY_MAX_NEW_TOKENS, batch_size=ON_POLICY_BATCH, progress=True)
-        del policy
+        policy.train(training)
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
     rejected = list(rows["rejected"])
     passed = replaced = 0
     for i, answer in zip(todo, answers, strict=True):
-        user_turn = rows[i]["prompt"][-1]["content"]
+        user_turn = prompts[i][-1]["content"]
         ok = evaluate_response(answer["text"], checks[i]["instruction_id_list"], checks[i]["kwargs"],
                                user_turn)["prompt_strict"]
         passed += ok
@@ -112,14 +122,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     train = load_from_disk(str(prepared / "dpo_train"))
     evaluation = load_from_disk(str(prepared / "dpo_eval")) if (prepared / "dpo_eval").exists() else None
     tokenizer = load_tokenizer(recipe.model, path=str(sft_dir))  # carries the SFT chat template
-    on_policy: dict[str, int] = {}
-    if recipe.dpo["on_policy_rejected"]:
-        if "constraints" not in train.column_names:
-            raise PipelineError("dpo.on_policy_rejected needs preference rows with IFEval-style "
-                                "'instruction_id_list' and 'kwargs' fields in data.dpo; none has them.")
-        train, on_policy = with_on_policy_rejected(train, sft_dir, ctx.stage_dir / CHECKPOINTS / ON_POLICY_ANSWERS)
-    train = _without_constraints(train)
-    evaluation = _without_constraints(evaluation) if evaluation is not None else None
+    if recipe.dpo["on_policy_rejected"] and "constraints" not in train.column_names:
+        raise PipelineError("dpo.on_policy_rejected needs preference rows with IFEval-style "
+                            "'instruction_id_list' and 'kwargs' fields in data.dpo; none has them.")
 
     mode = recipe.dpo["start"]
     if mode == "merge":
@@ -139,7 +144,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
         model = PeftModel.from_pretrained(load_base_model(recipe.model), str(sft_dir), is_trainable=True)
         peft_config = None
 
-    args = DPOConfig(**trainer_arguments(recipe.dpo, recipe.model, ctx.stage_dir, pipeline_keys=("start", "on_policy_rejected")))
+    on_policy: dict[str, int] = {}
+    if recipe.dpo["on_policy_rejected"]:  # the model as loaded is the SFT policy: it answers before training
+        train, on_policy = with_on_policy_rejected(train, model, tokenizer,
+                                                   ctx.stage_dir / CHECKPOINTS / ON_POLICY_ANSWERS)
+    train = _without_constraints(train)
+    evaluation = _without_constraints(evaluation) if evaluation is not None else None
+
+    args = DPOConfig(**trainer_arguments(recipe.dpo, recipe.model, ctx.stage_dir,
+                                         pipeline_keys=tuple(DPO_PIPELINE_KEYS)))
     trainer = DPOTrainer(
         model=model,
         ref_model=None,
