@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import write_jsonl
 
 from pipeline.config import validate_recipe
@@ -106,7 +108,8 @@ def test_batched_completion_logps_match_scoring_each_pair_alone(tiny_model_dir):
     assert len({n for _, n in batched}) == 3  # the rows really had different completion lengths
 
 
-def test_continuous_batching_generation_matches_greedy_generate_one_prompt_at_a_time(tiny_model_dir):
+@pytest.mark.parametrize("max_new_tokens", [6, 300])  # 300: answers span more than one page of the KV cache
+def test_continuous_batching_generation_matches_greedy_generate_one_prompt_at_a_time(tiny_model_dir, max_new_tokens):
     """More prompts than slots (slots are refilled), mixed lengths: same tokens, same order, stops detected."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -128,11 +131,11 @@ def test_continuous_batching_generation_matches_greedy_generate_one_prompt_at_a_
                              eos_token_id=None)
         return out[0, ids["input_ids"].shape[1]:].tolist()
 
-    expected = [one_at_a_time(c, 6) for c in convs]
+    expected = [one_at_a_time(c, max_new_tokens) for c in convs]
     # Make the third token of the second answer a stop token: that answer must end there, the others not.
     stop = expected[1][2]
     model.generation_config.eos_token_id = [*model.generation_config.eos_token_id, stop]
-    results = generate(model, tokenizer, convs, max_new_tokens=6, batch_size=2)
+    results = generate(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=2)
     for tokens, result in zip(expected, results, strict=True):
         cut = tokens.index(stop) if stop in tokens else None
         kept = tokens[:cut] if cut is not None else tokens
