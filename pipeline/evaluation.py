@@ -14,13 +14,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data.constraints import aggregate, evaluate_response
-from pipeline.errors import DataError
+from pipeline.data.constraints import aggregate, evaluate_response, get_constraint
+from pipeline.errors import DataError, PipelineError
 from pipeline.inference import generate
 
 
 def load_prompts(path: str | Path, max_prompts: int | None = None) -> list[dict[str, Any]]:
-    """Read IFEval-style prompts: ``prompt`` (string), ``instruction_id_list`` and ``kwargs`` lists."""
+    """Read IFEval-style prompts: ``prompt`` (string), ``instruction_id_list`` and ``kwargs`` lists.
+
+    Every instruction id must be one this project can check; an unknown one is an error naming the line.
+    """
     rows = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -35,6 +38,11 @@ def load_prompts(path: str | Path, max_prompts: int | None = None) -> list[dict[
             ):
                 raise DataError("needs 'prompt' and equally long 'instruction_id_list' and 'kwargs'",
                                 path=str(path), line=number)
+            for instruction_id in row["instruction_id_list"]:  # before any model generates: fail fast
+                try:
+                    get_constraint(instruction_id)
+                except PipelineError as exc:
+                    raise DataError(str(exc), path=str(path), line=number) from None
             rows.append(row)
     return rows[:max_prompts] if max_prompts else rows
 

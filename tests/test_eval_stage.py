@@ -37,6 +37,17 @@ def test_score_generations_counts_compliance_and_constraints():
     assert metrics["mean_new_tokens"] == 6.0
 
 
+def test_eval_prompts_with_an_unknown_instruction_id_fail_before_any_generation(tmp_path):
+    from pipeline.errors import DataError
+    from pipeline.evaluation import load_prompts
+
+    rows = [*PROMPTS, {"prompt": "Hi.", "instruction_id_list": ["language:response_language"], "kwargs": [{}]}]
+    path = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    with pytest.raises(DataError, match=r"prompts.jsonl:4: .*language:response_language.*Supported ids"):
+        load_prompts(path)
+    assert len(load_prompts(write_jsonl(tmp_path / "ok.jsonl", PROMPTS))) == 3
+
+
 def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):
     prompts = write_jsonl(tmp_path / "eval_prompts.jsonl", PROMPTS)
     tiny_recipe["eval"] = {"prompts": str(prompts), "max_new_tokens": 6, "batch_size": 2, "num_samples": 2}
