@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import write_jsonl
 
 from pipeline.config import validate_recipe
@@ -119,18 +118,22 @@ def test_batched_completion_logps_match_scoring_each_pair_alone(tiny_model_dir):
     assert len({n for _, n in batched}) == 3  # the rows really had different completion lengths
 
 
-@pytest.mark.parametrize("max_new_tokens", [6, 300])  # 300: answers span more than one page of the KV cache
-def test_continuous_batching_generation_matches_greedy_generate_one_prompt_at_a_time(tiny_model_dir, max_new_tokens):
-    """More prompts than slots (slots are refilled), mixed lengths: same tokens, same order, stops detected."""
+def _tiny_generator(tiny_model_dir: Path) -> tuple:
+    """The tiny model with weights drawn wide enough that greedy answers differ between prompts (its own
+    initialisation repeats one token whatever the prompt), its tokenizer, five prompts, and plain ``generate``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import MODEL_DEFAULTS
-    from pipeline.inference import generate
     from pipeline.models import configure_generation, load_tokenizer
 
     tokenizer = load_tokenizer({**MODEL_DEFAULTS, "name_or_path": str(tiny_model_dir), "chat_template": "chatml"})
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 1.0)
     configure_generation(model, tokenizer)
     convs = [[{"role": "user", "content": text}] for text in
              ["Say hi.", "Describe the sea in a few words, please.", "Name a fruit.", "What is the capital of France?",
@@ -142,15 +145,45 @@ def test_continuous_batching_generation_matches_greedy_generate_one_prompt_at_a_
                              eos_token_id=None)
         return out[0, ids["input_ids"].shape[1]:].tolist()
 
-    expected = [one_at_a_time(c, max_new_tokens) for c in convs]
-    # Make the third token of the second answer a stop token: that answer must end there, the others not.
-    stop = expected[1][2]
-    model.generation_config.eos_token_id = [*model.generation_config.eos_token_id, stop]
-    results = generate(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=2)
+    return model, tokenizer, convs, one_at_a_time
+
+
+def _check_against(expected: list[list[int]], results: list[dict], stops: list[int], tokenizer) -> None:
     for tokens, result in zip(expected, results, strict=True):
-        cut = tokens.index(stop) if stop in tokens else None
+        cut = next((i for i, t in enumerate(tokens) if t in stops), None)
         kept = tokens[:cut] if cut is not None else tokens
         assert result["stopped"] == (cut is not None)
         assert result["new_tokens"] == len(kept)
         assert result["text"] == tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+
+def test_continuous_batching_generation_matches_greedy_generate_one_prompt_at_a_time(tiny_model_dir):
+    """More prompts than slots (slots are refilled), mixed lengths: same tokens, same order, stops detected."""
+    from pipeline.inference import generate
+
+    model, tokenizer, convs, one_at_a_time = _tiny_generator(tiny_model_dir)
+    expected = [one_at_a_time(c, 8) for c in convs]
+    assert len({tuple(e) for e in expected}) == len(convs)  # the prompts really get different answers
+    # Make the third token of the second answer a stop token: that answer must end there.
+    stop = expected[1][2]
+    stops = [*model.generation_config.eos_token_id, stop]
+    model.generation_config.eos_token_id = stops
+    results = generate(model, tokenizer, convs, max_new_tokens=8, batch_size=2)
+    _check_against(expected, results, stops, tokenizer)
     assert results[1]["stopped"] and results[1]["new_tokens"] <= 2
+    assert not all(r["stopped"] for r in results)  # and the stop did not end every answer
+
+
+def test_continuous_batching_generation_of_answers_longer_than_a_cache_page(tiny_model_dir):
+    """``generate`` sizes the KV cache for the batch; answers that span several cache pages stay exact."""
+    from transformers import ContinuousBatchingConfig
+
+    from pipeline.inference import generate
+
+    model, tokenizer, convs, one_at_a_time = _tiny_generator(tiny_model_dir)
+    page = ContinuousBatchingConfig().page_size
+    expected = [one_at_a_time(c, page + 60) for c in convs[:3]]
+    stops = list(model.generation_config.eos_token_id)
+    results = generate(model, tokenizer, convs[:3], max_new_tokens=page + 60, batch_size=2)
+    _check_against(expected, results, stops, tokenizer)
+    assert max(r["new_tokens"] for r in results) > page
