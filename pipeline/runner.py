@@ -137,6 +137,10 @@ def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None 
     """Run the selected stages of a recipe in order; returns what happened to each."""
     selected = select_stages(recipe, stage, from_stage)
     enabled = recipe.enabled_stages()
+    if "eval" in selected and recipe.eval and recipe.eval["prompts"]:
+        from pipeline.evaluation import load_prompts
+
+        load_prompts(recipe.eval["prompts"])  # a missing or malformed eval file fails now, not after training
     outcomes: list[StageOutcome] = []
     fingerprints: dict[str, str] = {}
     with run_lock(recipe.output_dir):

@@ -47,6 +47,19 @@ def test_eval_prompts_with_an_unknown_instruction_id_fail_before_any_generation(
     assert len(load_prompts(write_jsonl(tmp_path / "ok.jsonl", PROMPTS))) == 3
 
 
+def test_a_bad_eval_prompt_file_stops_the_recipe_before_training(tiny_recipe, tmp_path):
+    from pipeline.errors import DataError
+
+    bad = [{"prompt": "Hi.", "instruction_id_list": ["no:such_check"], "kwargs": [{}]}]
+    tiny_recipe["eval"] = {"prompts": str(write_jsonl(tmp_path / "bad.jsonl", bad)), "max_new_tokens": 4}
+    with pytest.raises(DataError, match="bad.jsonl:1: Unknown instruction id 'no:such_check'"):
+        run_recipe(validate_recipe(tiny_recipe), log=lambda _: None)
+    tiny_recipe["eval"]["prompts"] = str(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="missing.jsonl: eval prompts file not found"):
+        run_recipe(validate_recipe(tiny_recipe), log=lambda _: None)
+    assert not (Path(tiny_recipe["output_dir"]) / "prepare").exists()  # nothing ran
+
+
 def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):
     prompts = write_jsonl(tmp_path / "eval_prompts.jsonl", PROMPTS)
     tiny_recipe["eval"] = {"prompts": str(prompts), "max_new_tokens": 6, "batch_size": 2, "num_samples": 2}
