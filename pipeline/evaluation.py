@@ -25,7 +25,8 @@ def load_prompts(path: str | Path, max_prompts: int | None = None) -> list[dict[
     Every instruction id must be one this project can check; an unknown one is an error naming the line.
     """
     if not Path(path).is_file():
-        raise DataError("eval prompts file not found", path=str(path))
+        raise DataError(f"eval prompts file not found (looked for {Path(path).absolute()}; relative paths start "
+                        "from the current directory). Fix `eval.prompts` in the recipe.", path=str(path))
     rows = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):

@@ -102,9 +102,8 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
     # A KV cache that holds the whole batch at its longest, not one sized from free memory: transformers zero-fills
     # the cache on every call. Measured on the quickstart's SFT model, 123 prompts: 66 s instead of 74-79 s, same
     # answers. (A smaller cache stays correct: requests then wait for room.)
-    page = ContinuousBatchingConfig().page_size
     longest = max(len(ids) for ids in inputs) + max_new_tokens
-    blocks = math.ceil(min(batch_size, len(inputs)) * longest / page) + 1
+    blocks = math.ceil(min(batch_size, len(inputs)) * longest / ContinuousBatchingConfig.page_size) + 1
     outputs = model.generate_batch(
         [list(ids) for ids in inputs], generation_config=config, progress_bar=progress,
         continuous_batching_config=ContinuousBatchingConfig(max_requests_per_batch=batch_size, num_blocks=blocks),
