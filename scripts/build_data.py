@@ -10,6 +10,8 @@ Where it sits: offline, before any recipe runs. Inputs are the hand-written trai
                               pairs (correct vs wrong, answers vs rambles, stops vs runs on) and loop
                               pairs (a compliant answer vs the same answer degenerating into a repeated
                               line or marker, the way a small model fails under greedy decoding);
+- ``preferences_quickstart.jsonl``  the quickstart's DPO mix, rows of ``preferences.jsonl``: constraint pairs
+                              mostly of the types SFT does not teach (``FOCUS_TYPES``), quality and loop pairs;
 - ``eval_prompts.jsonl``      IFEval-format prompts built only from held-out prompts;
 - ``eval_preferences.jsonl``  the same kinds of pairs, built only from held-out prompts.
 
@@ -59,6 +61,13 @@ QUALITY_QUOTA = {"wrong_number": (25, 5), "wrong_answer": (25, 5), "ramble": (50
                  "runs_on_turn": (25, 5), "repeats": (25, 5)}
 SECOND_CONSTRAINT_P = 0.4  # share of prompts that get two constraints instead of one
 NEAR_DUP_JACCARD = 0.5  # word 5-gram Jaccard at or above this counts as the same prompt
+# The quickstart's DPO mix (100 rows of preferences.jsonl): PER_FOCUS_TYPE constraint pairs for each of the types one
+# SFT epoch leaves at 0 % on gemma-3-270m (measured, README "Quickstart results"), drawn from FOCUS_CANDIDATES
+# candidates per type; OTHER_CONSTRAINT_PAIRS constraint pairs of other types and the quality and loop pairs, all from
+# the first QUICKSTART_HEAD rows. DPO's few steps go mostly where SFT failed, without dropping the other types.
+FOCUS_TYPES = ("change_case:english_capital", "change_case:english_lowercase", "combination:repeat_prompt",
+               "combination:two_responses", "length_constraints:number_paragraphs", "startend:end_checker")
+FOCUS_CANDIDATES, PER_FOCUS_TYPE, OTHER_CONSTRAINT_PAIRS, QUICKSTART_HEAD = 10, 6, 24, 100
 
 
 @dataclass(frozen=True)
@@ -457,6 +466,33 @@ def build_eval_prompts(heldout: Sequence[Example], rng: random.Random) -> list[d
 # --------------------------------------------------------------------------------------------------
 
 
+def _first_per_focus_type(pairs: Sequence[dict], n: int) -> list[dict]:
+    """The first ``n`` constraint pairs of each focus type, in order (a pair counts for its first focus type)."""
+    per_type: Counter = Counter()
+    kept = []
+    for pair in pairs:
+        focus = next((t for t in pair["instruction_id_list"] if t in FOCUS_TYPES), None)
+        if pair["kind"] == "constraint" and focus is not None and per_type[focus] < n:
+            per_type[focus] += 1
+            kept.append(pair)
+    return kept
+
+
+def quickstart_mix(preferences: Sequence[dict], seed: int) -> list[dict]:
+    """Rows of ``preferences`` for the quickstart's DPO stage (see ``FOCUS_TYPES``), shuffled."""
+    head = preferences[:QUICKSTART_HEAD]
+    constraint = [p for p in preferences if p["kind"] == "constraint"]
+    candidates = _first_per_focus_type(sorted(constraint, key=lambda p: len(p["instruction_id_list"])),
+                                       FOCUS_CANDIDATES)  # single-constraint pairs first
+    drawn = candidates + [p for p in head if p["kind"] != "constraint"]
+    random.Random(seed).shuffle(drawn)
+    taken = {p["id"] for p in candidates}
+    others = [p for p in head if p["kind"] == "constraint" and p["id"] not in taken][:OTHER_CONSTRAINT_PAIRS]
+    rows = _first_per_focus_type(drawn, PER_FOCUS_TYPE) + others + [p for p in drawn if p["kind"] != "constraint"]
+    random.Random(seed + 2).shuffle(rows)
+    return rows
+
+
 def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
     """All four derived files as rows (not written); each file has its own RNG stream derived from ``seed``."""
     training = load_training(data_dir / "instructions.jsonl")
@@ -486,6 +522,7 @@ def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
     return {
         "sft_constraints.jsonl": build_sft(training, stream("sft")),
         "preferences.jsonl": preferences,
+        "preferences_quickstart.jsonl": quickstart_mix(preferences, seed),
         "eval_prompts.jsonl": build_eval_prompts(heldout, stream("eval_prompts")),
         "eval_preferences.jsonl": constraint_pairs(eval_pool, N_EVAL_CONSTRAINT_PAIRS, eval_pref_rng,
                                                    least_used(eval_pref_rng), "evalpref")

@@ -20,7 +20,8 @@ from pipeline.errors import DataError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_data.py"
-DERIVED = ["sft_constraints.jsonl", "preferences.jsonl", "eval_prompts.jsonl", "eval_preferences.jsonl"]
+DERIVED = ["sft_constraints.jsonl", "preferences.jsonl", "preferences_quickstart.jsonl", "eval_prompts.jsonl",
+           "eval_preferences.jsonl"]
 
 
 def read(name: str) -> list[dict]:
@@ -77,6 +78,18 @@ def test_preference_files_use_trl_conversational_format(files, name, constraint_
         assert all(m["role"] in ("system", "user", "assistant") for m in row["prompt"])
         for side in ("chosen", "rejected"):
             assert len(row[side]) == 1 and row[side][0]["role"] == "assistant" and row[side][0]["content"].strip()
+
+
+def test_quickstart_mix_is_rows_of_preferences_focused_on_the_types_sft_leaves(files, build_data):
+    everything = {json.dumps(r, sort_keys=True) for r in files["preferences.jsonl"]}
+    mix = files["preferences_quickstart.jsonl"]
+    assert all(json.dumps(r, sort_keys=True) in everything for r in mix)  # a selection, no new pairs
+    focus = Counter(t for r in mix if r["kind"] == "constraint" for t in r["instruction_id_list"]
+                    if t in build_data.FOCUS_TYPES)
+    assert all(focus[t] >= build_data.PER_FOCUS_TYPE for t in build_data.FOCUS_TYPES), focus
+    assert all(set(r["instruction_id_list"]) & set(build_data.FOCUS_TYPES) for r in mix if r["kind"] == "constraint")
+    kinds = Counter(r["kind"] for r in mix)
+    assert kinds["loops"] > 0 and sum(kinds.values()) - kinds["constraint"] - kinds["loops"] > 0
 
 
 @pytest.mark.parametrize("name", DERIVED)
