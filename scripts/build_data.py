@@ -63,8 +63,8 @@ SECOND_CONSTRAINT_P = 0.4  # share of prompts that get two constraints instead o
 NEAR_DUP_JACCARD = 0.5  # word 5-gram Jaccard at or above this counts as the same prompt
 # The quickstart's DPO mix (100 rows of preferences.jsonl): PER_FOCUS_TYPE constraint pairs for each of the types one
 # SFT epoch leaves at 0 % on gemma-3-270m (measured, README "Quickstart results"), drawn from FOCUS_CANDIDATES
-# candidates per type; OTHER_CONSTRAINT_PAIRS constraint pairs of other types and the quality and loop pairs, all from
-# the first QUICKSTART_HEAD rows. DPO's few steps go mostly where SFT failed, without dropping the other types.
+# candidates per type; OTHER_CONSTRAINT_PAIRS more constraint pairs (mostly of other types) and the quality and loop
+# pairs, all from the first QUICKSTART_HEAD rows. DPO's few steps go mostly where SFT failed, without dropping the other types.
 FOCUS_TYPES = ("change_case:english_capital", "change_case:english_lowercase", "combination:repeat_prompt",
                "combination:two_responses", "length_constraints:number_paragraphs", "startend:end_checker")
 FOCUS_CANDIDATES, PER_FOCUS_TYPE, OTHER_CONSTRAINT_PAIRS, QUICKSTART_HEAD = 10, 6, 24, 100
@@ -494,7 +494,7 @@ def quickstart_mix(preferences: Sequence[dict], seed: int) -> list[dict]:
 
 
 def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
-    """All four derived files as rows (not written); each file has its own RNG stream derived from ``seed``."""
+    """All five derived files as rows (not written); each has its own RNG stream derived from ``seed``."""
     training = load_training(data_dir / "instructions.jsonl")
     training_prompts = [m["content"] for ex in training for m in ex.context if m["role"] == "user"]
     heldout_all = load_heldout(data_dir / "heldout_prompts.jsonl")
