@@ -64,7 +64,8 @@ NEAR_DUP_JACCARD = 0.5  # word 5-gram Jaccard at or above this counts as the sam
 # The quickstart's DPO mix (100 rows of preferences.jsonl): PER_FOCUS_TYPE constraint pairs for each of the types one
 # SFT epoch leaves at 0 % on gemma-3-270m (measured, README "Quickstart results"), drawn from FOCUS_CANDIDATES
 # candidates per type; OTHER_CONSTRAINT_PAIRS more constraint pairs (mostly of other types) and the quality and loop
-# pairs, all from the first QUICKSTART_HEAD rows. DPO's few steps go mostly where SFT failed, without dropping the other types.
+# pairs, all from the first QUICKSTART_HEAD rows. DPO's few steps go mostly where SFT failed, and the other types
+# are not dropped.
 FOCUS_TYPES = ("change_case:english_capital", "change_case:english_lowercase", "combination:repeat_prompt",
                "combination:two_responses", "length_constraints:number_paragraphs", "startend:end_checker")
 FOCUS_CANDIDATES, PER_FOCUS_TYPE, OTHER_CONSTRAINT_PAIRS, QUICKSTART_HEAD = 10, 6, 24, 100
@@ -470,9 +471,9 @@ def _first_per_focus_type(pairs: Sequence[dict], n: int) -> list[dict]:
     """The first ``n`` constraint pairs of each focus type, in order (a pair counts for its first focus type)."""
     per_type: Counter = Counter()
     kept = []
-    for pair in pairs:
+    for pair in (p for p in pairs if p["kind"] == "constraint"):
         focus = next((t for t in pair["instruction_id_list"] if t in FOCUS_TYPES), None)
-        if pair["kind"] == "constraint" and focus is not None and per_type[focus] < n:
+        if focus is not None and per_type[focus] < n:
             per_type[focus] += 1
             kept.append(pair)
     return kept
@@ -484,6 +485,8 @@ def quickstart_mix(preferences: Sequence[dict], seed: int) -> list[dict]:
     constraint = [p for p in preferences if p["kind"] == "constraint"]
     candidates = _first_per_focus_type(sorted(constraint, key=lambda p: len(p["instruction_id_list"])),
                                        FOCUS_CANDIDATES)  # single-constraint pairs first
+    # One shuffle draws PER_FOCUS_TYPE of each type's candidates and orders the quality/loop pairs; a second one
+    # mixes the result. (Candidates and quality pairs are shuffled together: that is the order that was measured.)
     drawn = candidates + [p for p in head if p["kind"] != "constraint"]
     random.Random(seed).shuffle(drawn)
     taken = {p["id"] for p in candidates}

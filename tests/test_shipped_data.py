@@ -88,7 +88,8 @@ def test_quickstart_mix_is_rows_of_preferences_focused_on_the_types_sft_leaves(f
                     if t in build_data.FOCUS_TYPES)
     assert all(focus[t] >= build_data.PER_FOCUS_TYPE for t in build_data.FOCUS_TYPES), focus
     kinds = Counter(r["kind"] for r in mix)
-    assert kinds["constraint"] == len(build_data.FOCUS_TYPES) * build_data.PER_FOCUS_TYPE + build_data.OTHER_CONSTRAINT_PAIRS
+    per_type, others = build_data.PER_FOCUS_TYPE, build_data.OTHER_CONSTRAINT_PAIRS
+    assert kinds["constraint"] == len(build_data.FOCUS_TYPES) * per_type + others
     assert kinds["loops"] > 0 and sum(kinds.values()) - kinds["constraint"] - kinds["loops"] > 0
 
 
