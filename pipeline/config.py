@@ -83,6 +83,7 @@ DPO_DEFAULTS: dict[str, Any] = {
     "on_policy_rejected": False,
 }
 DPO_PIPELINE_KEYS = {"start": ("merge", "continue_adapter"), "on_policy_rejected": (True, False)}
+EVAL_MODELS = ("base", "sft", "dpo")
 EVAL_DEFAULTS: dict[str, Any] = {
     "prompts": None,  # JSONL with IFEval-style prompt / instruction_id_list / kwargs
     "preferences": None,  # held-out preference pairs; None: the held-out split of data.dpo
@@ -90,6 +91,9 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "models": ["base", "sft", "dpo"],
     "max_new_tokens": 256,
     "batch_size": 16,
+    # models decoded in left-padded batches instead of continuous batching: faster for a model whose answers all
+    # run to max_new_tokens, as the base model's do (it was never taught to stop)
+    "padded_batches": ["base"],
     "max_prompts": None,
     "num_samples": 6,  # side-by-side generations shown in report.md
 }
@@ -327,6 +331,10 @@ def validate_recipe(raw: dict[str, Any], source: Path | None = None) -> Recipe:
         raise PipelineError("The recipe has an 'sft' section but data.sft lists no data.")
     if "eval" in raw:
         evaluation = _validate_plain_section("eval", raw["eval"], EVAL_DEFAULTS)
+        for key in ("models", "padded_batches"):
+            names = evaluation[key]
+            if not isinstance(names, list) or any(n not in EVAL_MODELS for n in names):
+                raise PipelineError(f"eval.{key} must be a list drawn from {list(EVAL_MODELS)}, got {names!r}.")
     return Recipe(name, output_dir, model, data, lora, sft, dpo, evaluation, source)
 
 

@@ -6,7 +6,6 @@ Reusable on its own (any JSONL with ``prompt`` + ``instruction_id_list`` + ``kwa
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.data.constraints import aggregate, evaluate_response, get_constraint
+from pipeline.data.formats import read_jsonl
 from pipeline.errors import DataError, PipelineError
 from pipeline.inference import generate
 
@@ -28,25 +28,18 @@ def load_prompts(path: str | Path, max_prompts: int | None = None) -> list[dict[
         raise DataError(f"eval prompts file not found (looked for {Path(path).absolute()}; relative paths start "
                         "from the current directory). Fix `eval.prompts` in the recipe.", path=str(path))
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
+    for number, row in read_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or len(
+            row.get("instruction_id_list", [])
+        ) != len(row.get("kwargs", [])):
+            raise DataError("needs 'prompt' and equally long 'instruction_id_list' and 'kwargs'",
+                            path=str(path), line=number)
+        for instruction_id in row["instruction_id_list"]:  # before any model generates: fail fast
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"invalid JSON ({exc.msg})", path=str(path), line=number) from None
-            if not isinstance(row.get("prompt"), str) or len(row.get("instruction_id_list", [])) != len(
-                row.get("kwargs", [])
-            ):
-                raise DataError("needs 'prompt' and equally long 'instruction_id_list' and 'kwargs'",
-                                path=str(path), line=number)
-            for instruction_id in row["instruction_id_list"]:  # before any model generates: fail fast
-                try:
-                    get_constraint(instruction_id)
-                except PipelineError as exc:
-                    raise DataError(str(exc), path=str(path), line=number) from None
-            rows.append(row)
+                get_constraint(instruction_id)
+            except PipelineError as exc:
+                raise DataError(str(exc), path=str(path), line=number) from None
+        rows.append(row)
     return rows[:max_prompts] if max_prompts else rows
 
 
@@ -66,11 +59,13 @@ def score_generations(prompts: list[dict[str, Any]], outputs: list[dict[str, Any
 
 
 def generate_for_prompts(model: Any, tokenizer: Any, prompts: list[dict[str, Any]], *, max_new_tokens: int,
-                         batch_size: int, desc: str) -> list[dict[str, Any]]:
-    """Greedy answers for every prompt (continuous batching, see ``inference.generate``), with a progress bar."""
-    print(f"  {desc}: {len(prompts)} prompts, up to {max_new_tokens} new tokens each", flush=True)
+                         batch_size: int, desc: str, continuous: bool = True) -> list[dict[str, Any]]:
+    """Greedy answers for every prompt (see ``inference.generate``), with a progress bar."""
+    how = "continuous batching" if continuous else "padded batches"
+    print(f"  {desc}: {len(prompts)} prompts, up to {max_new_tokens} new tokens each ({how})", flush=True)
     convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
-    return generate(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
+    return generate(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True,
+                    continuous=continuous)
 
 
 def _encode_completion(tokenizer: Any, prompt: list[dict[str, str]],

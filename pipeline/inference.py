@@ -78,25 +78,47 @@ def chat_inputs(tokenizer: Any, messages: list[dict[str, str]], device: Any) -> 
 
 @torch.inference_mode()
 def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
-             max_new_tokens: int = 256, batch_size: int = 16, progress: bool = False) -> list[dict[str, Any]]:
-    """Greedy answers for many conversations, with continuous batching (transformers' ``generate_batch``).
+             max_new_tokens: int = 256, batch_size: int = 16, progress: bool = False,
+             continuous: bool = True) -> list[dict[str, Any]]:
+    """Greedy answers for many conversations, ``batch_size`` decoded at once.
 
-    Up to ``batch_size`` answers are decoded at once, and an answer that stops frees its slot for the next
-    conversation at once: one long answer does not keep a whole batch decoding to ``max_new_tokens``.
+    ``continuous=True`` (transformers' ``generate_batch``): an answer that stops frees its slot for the next
+    conversation at once, so one long answer does not keep a whole batch decoding to ``max_new_tokens``.
+    ``continuous=False``: left-padded batches of similar prompt length through ``model.generate``; faster when
+    (nearly) every answer runs to the limit, as a base model's do (see README "Evaluation").
     Each result holds the ``text`` and whether the model ``stopped`` on its own (end-of-turn/EOS) before
     ``max_new_tokens``, in the order of ``conversations``.
     """
-    from transformers import ContinuousBatchingConfig, GenerationConfig
-
     if not conversations:
         return []
     controls = control_tokens(tokenizer)
     stops = list(model.generation_config.eos_token_id or [])
     inputs = [
-        tokenizer.apply_chat_template(_plain_text(conv, controls), add_generation_prompt=True, tokenize=True,
-                                      return_dict=True)["input_ids"]
+        list(tokenizer.apply_chat_template(_plain_text(conv, controls), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"])
         for conv in conversations
     ]
+    run = _generate_continuous if continuous else _generate_padded
+    answers = run(model, tokenizer, inputs, stops, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                  progress=progress)
+    if len(answers) != len(inputs):
+        raise PipelineError(f"Generation returned {len(answers)} answers for {len(inputs)} prompts.")
+    results = []
+    for tokens in answers:  # in input order
+        stop_at = next((i for i, t in enumerate(tokens) if t in stops), None)
+        answer = tokens[:stop_at] if stop_at is not None else tokens[:max_new_tokens]
+        results.append({
+            "text": tokenizer.decode(answer, skip_special_tokens=True).strip(),
+            "stopped": stop_at is not None,
+            "new_tokens": len(answer),
+        })
+    return results
+
+
+def _generate_continuous(model: Any, tokenizer: Any, inputs: list[list[int]], stops: list[int], *,
+                         max_new_tokens: int, batch_size: int, progress: bool) -> list[list[int]]:
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                               pad_token_id=tokenizer.pad_token_id)
     # A KV cache that holds the whole batch at its longest, not one sized from free memory: transformers zero-fills
@@ -105,22 +127,33 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
     longest = max(len(ids) for ids in inputs) + max_new_tokens
     blocks = math.ceil(min(batch_size, len(inputs)) * longest / ContinuousBatchingConfig.page_size) + 1
     outputs = model.generate_batch(
-        [list(ids) for ids in inputs], generation_config=config, progress_bar=progress,
+        inputs, generation_config=config, progress_bar=progress,
         continuous_batching_config=ContinuousBatchingConfig(max_requests_per_batch=batch_size, num_blocks=blocks),
     )
-    if len(outputs) != len(inputs):
-        raise PipelineError(f"Generation returned {len(outputs)} answers for {len(inputs)} prompts.")
-    results = []
-    for output in outputs.values():  # in input order
-        tokens = list(output.generated_tokens)
-        stop_at = next((i for i, t in enumerate(tokens) if t in stops), None)
-        answer = tokens[:stop_at] if stop_at is not None else tokens
-        results.append({
-            "text": tokenizer.decode(answer, skip_special_tokens=True).strip(),
-            "stopped": stop_at is not None,
-            "new_tokens": len(answer),
-        })
-    return results
+    return [list(output.generated_tokens) for output in outputs.values()]
+
+
+def _generate_padded(model: Any, tokenizer: Any, inputs: list[list[int]], stops: list[int], *,
+                     max_new_tokens: int, batch_size: int, progress: bool) -> list[list[int]]:
+    from tqdm.auto import tqdm
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    answers: list[list[int]] = [[] for _ in inputs]
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))  # similar lengths: little padding
+    with tqdm(total=len(inputs), desc="generating", unit="answer", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(inputs[i]) for i in idx)
+            ids = torch.tensor([[pad] * (width - len(inputs[i])) + inputs[i] for i in idx], device=model.device)
+            mask = torch.tensor([[0] * (width - len(inputs[i])) + [1] * len(inputs[i]) for i in idx],
+                                device=model.device)
+            # generate stops the batch once every row has produced a stop token
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=pad)
+            for row, i in enumerate(idx):
+                answers[i] = out[row, width:].tolist()
+            bar.update(len(idx))
+    return answers
 
 
 def stream(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int = 512) -> Iterator[str]:

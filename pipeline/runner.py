@@ -132,15 +132,24 @@ def _in_progress_fingerprint(stage_dir: Path) -> str | None:
         return None
 
 
+def _check_eval_files(cfg: dict[str, Any]) -> None:
+    """Read the eval stage's own files now: a missing or malformed one fails before hours of training."""
+    from pipeline.data.formats import load_preference_examples
+    from pipeline.evaluation import load_prompts
+
+    if cfg["prompts"]:
+        load_prompts(cfg["prompts"])
+    if cfg["preferences"]:
+        load_preference_examples([{"path": cfg["preferences"]}])  # raises when no row is a usable pair
+
+
 def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None = None,
                force: bool = False, log: Callable[[str], None] = print) -> list[StageOutcome]:
     """Run the selected stages of a recipe in order; returns what happened to each."""
     selected = select_stages(recipe, stage, from_stage)
     enabled = recipe.enabled_stages()
-    if "eval" in selected and recipe.eval and recipe.eval["prompts"]:
-        from pipeline.evaluation import load_prompts
-
-        load_prompts(recipe.eval["prompts"])  # a missing or malformed eval file fails now, not after training
+    if "eval" in selected and recipe.eval:
+        _check_eval_files(recipe.eval)
     outcomes: list[StageOutcome] = []
     fingerprints: dict[str, str] = {}
     with run_lock(recipe.output_dir):

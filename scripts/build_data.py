@@ -50,6 +50,7 @@ from pipeline.data.constraints import (  # noqa: E402
     sample_kwargs,
     split_sentences,
 )
+from pipeline.data.formats import read_jsonl  # noqa: E402
 from pipeline.errors import DataError  # noqa: E402
 
 TYPES = sorted(CONSTRAINTS)
@@ -94,20 +95,16 @@ class Example:
 # --------------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path, required: Sequence[str], problem: Callable[[dict], str | None] = lambda row: None
+def read_rows(path: Path, required: Sequence[str], problem: Callable[[dict], str | None] = lambda row: None
                ) -> list[dict]:
     """Rows of a JSONL file, each checked for the ``required`` fields and by ``problem`` (message or None)."""
     if not path.exists():
         raise DataError("file not found; it is hand-written and shipped with the project, restore it from git.",
                         path=str(path))
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"invalid JSON ({err.msg}); fix or delete this line.", path=str(path), line=n) from None
+    for n, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise DataError("each line must be one JSON object.", path=str(path), line=n)
         missing = [k for k in required if k not in row]
         message = f"row is missing {missing}; every row needs {list(required)}." if missing else problem(row)
         if message:
@@ -126,13 +123,13 @@ def _conversation_problem(row: dict) -> str | None:
 def load_training(path: Path) -> list[Example]:
     """Training conversations as examples (the last assistant turn is the answer)."""
     return [Example(r["id"], r["category"], tuple(r["messages"][:-1]), r["messages"][-1]["content"])
-            for r in read_jsonl(path, ["id", "category", "messages"], _conversation_problem)]
+            for r in read_rows(path, ["id", "category", "messages"], _conversation_problem)]
 
 
 def load_heldout(path: Path) -> list[Example]:
     """Held-out prompts with their references, as single-turn examples."""
     return [Example(r["id"], r["category"], ({"role": "user", "content": r["prompt"]},), r["reference"])
-            for r in read_jsonl(path, ["id", "category", "prompt", "reference"])]
+            for r in read_rows(path, ["id", "category", "prompt", "reference"])]
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:

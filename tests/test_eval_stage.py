@@ -45,6 +45,10 @@ def test_eval_prompts_with_an_unknown_instruction_id_fail_before_any_generation(
     with pytest.raises(DataError, match=r"prompts.jsonl:4: .*language:response_language.*Supported ids"):
         load_prompts(path)
     assert len(load_prompts(write_jsonl(tmp_path / "ok.jsonl", PROMPTS))) == 3
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\ufeff" + json.dumps(PROMPTS[0]) + "\n\n{not json\n", encoding="utf-8")  # BOM, blank line
+    with pytest.raises(DataError, match=r"broken.jsonl:3: invalid JSON"):
+        load_prompts(broken)
 
 
 def test_a_bad_eval_prompt_file_stops_the_recipe_before_training(tiny_recipe, tmp_path):
@@ -56,6 +60,20 @@ def test_a_bad_eval_prompt_file_stops_the_recipe_before_training(tiny_recipe, tm
         run_recipe(validate_recipe(tiny_recipe), log=lambda _: None)
     tiny_recipe["eval"]["prompts"] = str(tmp_path / "missing.jsonl")
     with pytest.raises(DataError, match="missing.jsonl: eval prompts file not found"):
+        run_recipe(validate_recipe(tiny_recipe), log=lambda _: None)
+    assert not (Path(tiny_recipe["output_dir"]) / "prepare").exists()  # nothing ran
+
+
+def test_a_bad_eval_preference_file_stops_the_recipe_before_training(tiny_recipe, tmp_path):
+    from pipeline.errors import DataError
+
+    prompts = str(write_jsonl(tmp_path / "prompts.jsonl", PROMPTS))
+    tiny_recipe["eval"] = {"prompts": prompts, "preferences": str(tmp_path / "missing.jsonl")}
+    with pytest.raises(DataError, match="missing.jsonl: file not found"):
+        run_recipe(validate_recipe(tiny_recipe), log=lambda _: None)
+    no_pairs = write_jsonl(tmp_path / "no_pairs.jsonl", [{"prompt": "Hi.", "chosen": "Hello."}])
+    tiny_recipe["eval"]["preferences"] = str(no_pairs)
+    with pytest.raises(DataError, match=r"no_pairs.jsonl:1: no usable rows.*preference row without rejected"):
         run_recipe(validate_recipe(tiny_recipe), log=lambda _: None)
     assert not (Path(tiny_recipe["output_dir"]) / "prepare").exists()  # nothing ran
 
@@ -200,3 +218,32 @@ def test_continuous_batching_generation_of_answers_longer_than_a_cache_page(tiny
     results = generate(model, tokenizer, convs[:3], max_new_tokens=page + 60, batch_size=2)
     _check_against(expected, results, stops, tokenizer)
     assert max(r["new_tokens"] for r in results) > page
+
+
+def test_padded_generation_matches_greedy_generate_one_prompt_at_a_time(tiny_model_dir):
+    """Left-padded batches of mixed prompt lengths give each prompt its own greedy answer, in input order;
+    a stop ends its answer while the rest of the batch decodes on."""
+    from pipeline.inference import generate
+
+    model, tokenizer, convs, one_at_a_time = _tiny_generator(tiny_model_dir)
+    expected = [one_at_a_time(c, 8) for c in convs]
+    stop = expected[3][4]
+    stops = [*model.generation_config.eos_token_id, stop]
+    model.generation_config.eos_token_id = stops
+    results = generate(model, tokenizer, convs, max_new_tokens=8, batch_size=3, continuous=False)
+    _check_against(expected, results, stops, tokenizer)
+    assert results[3]["stopped"] and results[3]["new_tokens"] <= 4
+    assert not all(r["stopped"] for r in results)
+
+
+def test_eval_model_lists_are_checked(tiny_recipe, tmp_path):
+    from pipeline.errors import PipelineError
+
+    tiny_recipe["eval"] = {"prompts": "p.jsonl", "padded_batches": ["bsae"]}
+    with pytest.raises(PipelineError, match=r"eval.padded_batches must be a list drawn from"):
+        validate_recipe(tiny_recipe)
+    tiny_recipe["eval"] = {"prompts": "p.jsonl", "models": ["sft", "dop"]}
+    with pytest.raises(PipelineError, match=r"eval.models"):
+        validate_recipe(tiny_recipe)
+    tiny_recipe["eval"] = {"prompts": "p.jsonl", "models": ["sft"], "padded_batches": []}
+    assert validate_recipe(tiny_recipe).eval["padded_batches"] == []

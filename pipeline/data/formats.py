@@ -169,6 +169,20 @@ def load_preference_examples(
     return _load(sources, control_tokens, kind="preference")
 
 
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for every non-blank line of a JSONL file, read strictly.
+
+    For files the project reads whole (eval prompts, the hand-written data): a line that is not JSON, not UTF-8
+    or too long is a :class:`DataError` naming the file and line, not a dropped row. Blank lines and a UTF-8
+    byte order mark are skipped.
+    """
+    for line, value in _json_lines(Path(path), str(path)):
+        if isinstance(value, _Drop):
+            what = "invalid JSON" if value.reason == "invalid_json" else "unreadable line"
+            raise DataError(f"{what} ({value.detail}); fix or delete this line.", path=str(path), line=line)
+        yield line, value
+
+
 def neutralise_control_tokens(text: str, control_tokens: Iterable[str]) -> str:
     """Make control-token strings inside ``text`` tokenise as plain text.
 

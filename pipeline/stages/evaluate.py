@@ -69,7 +69,8 @@ def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversat
             del ref_model
         metrics.update(preference_accuracy(logps[name], logps[reference]))
     outputs = generate_for_prompts(model, tokenizer, prompts, max_new_tokens=cfg["max_new_tokens"],
-                                   batch_size=cfg["batch_size"], desc=f"{name} generation")
+                                   batch_size=cfg["batch_size"], desc=f"{name} generation",
+                                   continuous=name not in cfg["padded_batches"])
     metrics.update(score_generations(prompts, outputs))
     rows = [{"key": p.get("key"), "prompt": p["prompt"], **o} for p, o in zip(prompts, outputs, strict=True)]
     atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl",
