@@ -51,6 +51,9 @@ LORA_DEFAULTS: dict[str, Any] = {
     "task_type": "CAUSAL_LM",
     # pipeline key: train the chat template's turn-token embeddings too (see models.lora_config)
     "train_template_tokens": True,
+    # pipeline key: dtype the adapter trains in; "float32" (peft's default) or "model" (the base weights' dtype,
+    # e.g. bf16: no float32 casts around every LoRA layer; see models.set_adapter_dtype)
+    "adapter_dtype": "float32",
 }
 # Applied to both trainer sections. Why each differs from TRL's default:
 _TRAINER_DEFAULTS: dict[str, Any] = {
@@ -315,7 +318,8 @@ def validate_recipe(raw: dict[str, Any], source: Path | None = None) -> Recipe:
         raise PipelineError("data.eval_fraction must be in [0, 1).")
 
     lora = _validate_dataclass_section("lora", {**LORA_DEFAULTS, **(raw.get("lora") or {})}, LoraConfig,
-                                       extra={"train_template_tokens": (True, False)})
+                                       extra={"train_template_tokens": (True, False),
+                                              "adapter_dtype": ("float32", "model")})
     sft = dpo = evaluation = None
     if "sft" in raw:
         sft = _validate_dataclass_section("sft", {**SFT_DEFAULTS, **(raw["sft"] or {})}, SFTConfig)

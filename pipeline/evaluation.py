@@ -106,7 +106,7 @@ def completion_logps_batched(model: Any, tokenizer: Any, items: list[tuple[list[
         for row, i in enumerate(idx):
             n = encoded[i][1]
             # log-softmax row by row, in fp32: a whole batch of vocabulary-wide fp32 rows is large
-            logps = torch.log_softmax(logits[row, keep - n:keep].float(), dim=-1)
+            logps = torch.log_softmax(logits[row, keep - n:keep], dim=-1, dtype=torch.float32)
             picked = logps.gather(-1, targets[row, keep - n:, None])[:, 0]
             results[i] = (float(picked.sum()), n)
     return results  # type: ignore[return-value]

@@ -56,7 +56,7 @@ CHAT_TEMPLATES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
-LORA_PIPELINE_KEYS = ("train_template_tokens",)
+LORA_PIPELINE_KEYS = ("train_template_tokens", "adapter_dtype")
 
 
 # ----------------------------------------------------------------------------------------------- device
@@ -319,3 +319,19 @@ def lora_config(lora_cfg: dict[str, Any], tokenizer: Any = None) -> Any:
         return LoraConfig(**fields)
     except (TypeError, ValueError) as exc:
         raise PipelineError(f"Invalid lora section: {exc}") from exc
+
+
+def set_adapter_dtype(model: Any, lora_cfg: dict[str, Any]) -> None:
+    """Cast the trainable adapter weights to the base weights' dtype when ``lora.adapter_dtype: model``.
+
+    peft keeps adapter weights in float32 by default; on bf16 base weights every LoRA layer then casts its
+    input to float32 and its output back, which on CPU costs more than the adapter's own matmuls. TRL does
+    the same cast for QLoRA. Call it after the trainer is built and before training: the optimizer is
+    created in ``train`` and then holds the cast weights.
+    """
+    if lora_cfg.get("adapter_dtype") != "model":
+        return
+    dtype = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    for param in model.parameters():
+        if param.requires_grad and dtype is not None and param.dtype != dtype:
+            param.data = param.data.to(dtype)

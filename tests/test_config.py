@@ -66,6 +66,12 @@ def test_dpo_start_mode_is_checked(tiny_recipe):
         validate_recipe(tiny_recipe)
 
 
+def test_adapter_dtype_is_checked(tiny_recipe):
+    tiny_recipe["lora"]["adapter_dtype"] = "bf16"
+    with pytest.raises(PipelineError, match=r"lora.adapter_dtype must be one of \['float32', 'model'\]"):
+        validate_recipe(tiny_recipe)
+
+
 def test_output_dir_is_reserved_for_the_pipeline(tiny_recipe):
     tiny_recipe["sft"]["output_dir"] = "elsewhere"
     with pytest.raises(PipelineError, match="set by the pipeline"):

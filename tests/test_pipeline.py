@@ -125,6 +125,23 @@ def test_sft_trains_the_turn_token_embeddings(completed_run):
     assert deltas and all(d.abs().sum() > 0 for d in deltas)
 
 
+def test_adapter_trains_in_the_model_dtype_when_the_recipe_asks(tiny_recipe):
+    """lora.adapter_dtype: model keeps the adapter (turn-token rows included) in bf16 on bf16 weights; it trains."""
+    from safetensors.torch import load_file
+
+    out = Path(tiny_recipe["output_dir"])
+    assert _run(tiny_recipe, "model.dtype=bfloat16") == {"prepare": "ran", "sft": "ran", "dpo": "ran"}
+    default = load_file(out / "sft" / "adapter_model.safetensors")
+    assert {v.dtype for v in default.values()} == {torch.float32}  # peft's default: float32 adapters
+    assert _run(tiny_recipe, "model.dtype=bfloat16", "lora.adapter_dtype=model") == {
+        "prepare": "skipped", "sft": "ran", "dpo": "ran"}
+    for stage in ("sft", "dpo"):
+        weights = load_file(out / stage / "adapter_model.safetensors")
+        assert {v.dtype for v in weights.values()} == {torch.bfloat16}, stage
+        assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k), stage  # B starts at zero
+        assert all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
 def test_load_returns_adapter_model_that_generates_and_stops(completed_run):
     from pipeline.inference import generate, load
 

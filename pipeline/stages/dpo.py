@@ -35,6 +35,7 @@ from pipeline.models import (
     load_tokenizer,
     lora_config,
     resolve_model_path,
+    set_adapter_dtype,
 )
 from pipeline.stages.context import StageContext
 from pipeline.stages.training import (
@@ -163,6 +164,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         peft_config=peft_config,
         callbacks=[StopOnNonFiniteLoss()],
     )
+    set_adapter_dtype(trainer.model, recipe.lora)
     metrics, resumed_from = train_with_resume(trainer, ctx.stage_dir)
     save_stage_model(trainer, tokenizer, ctx.stage_dir, base_path)
     ctx.extra.update(start=mode, base_model=base_path, resumed_from_step=resumed_from)

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from datasets import load_from_disk
 from trl import SFTConfig, SFTTrainer
 
-from pipeline.models import load_base_model, load_tokenizer, lora_config, resolve_device, resolve_model_path
+from pipeline.models import (
+    load_base_model,
+    load_tokenizer,
+    lora_config,
+    resolve_device,
+    resolve_model_path,
+    set_adapter_dtype,
+)
 from pipeline.stages.context import StageContext
 from pipeline.stages.training import (
     StopOnNonFiniteLoss,
@@ -42,8 +50,10 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
         # use_cache=False: packed rows are only kept apart (position_ids restarting) without a cache
         outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
         kept = targets[:, keep]
-        loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), kept.flatten(), ignore_index=-100,
-                               reduction="sum")
+        # log_softmax casts to float32 itself: the same values as cross_entropy(logits.float()), without a
+        # separate float32 copy of the (positions x vocabulary) logits
+        logps = F.log_softmax(outputs.logits.flatten(0, 1), dim=-1, dtype=torch.float32)
+        loss = F.nll_loss(logps, kept.flatten(), ignore_index=-100, reduction="sum")
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else (kept != -100).sum())
         return (loss, outputs) if return_outputs else loss
 
@@ -71,6 +81,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         peft_config=peft_config,
         callbacks=[StopOnNonFiniteLoss()],
     )
+    set_adapter_dtype(trainer.model, recipe.lora)
     metrics, resumed_from = train_with_resume(trainer, ctx.stage_dir)
     base_path = resolve_model_path(recipe.model["name_or_path"])
     save_stage_model(trainer, tokenizer, ctx.stage_dir, base_path)
