@@ -325,8 +325,8 @@ def set_adapter_dtype(model: Any, lora_cfg: dict[str, Any]) -> None:
     """Cast the trainable adapter weights to the base weights' dtype when ``lora.adapter_dtype: model``.
 
     peft keeps adapter weights in float32 by default; on bf16 base weights every LoRA layer then casts its
-    input to float32 and its output back, which on CPU costs more than the adapter's own matmuls. TRL does
-    the same cast for QLoRA. Call it after the trainer is built and before training: the optimizer is
+    input to float32 and its output back (profiled on a CPU SFT step: README "CPU speed"). TRL does the same
+    cast for QLoRA. Call it after the trainer is built and before training: the optimizer is
     created in ``train`` and then holds the cast weights.
     """
     if lora_cfg.get("adapter_dtype") != "model":
