@@ -332,6 +332,8 @@ def set_adapter_dtype(model: Any, lora_cfg: dict[str, Any]) -> None:
     if lora_cfg.get("adapter_dtype") != "model":
         return
     dtype = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    if dtype is None:
+        return
     for param in model.parameters():
-        if param.requires_grad and dtype is not None and param.dtype != dtype:
+        if param.requires_grad:
             param.data = param.data.to(dtype)

@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from pipeline.data import formats  # noqa: E402
 from pipeline.models import CHAT_TEMPLATES, resolve_model_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +87,7 @@ def load_model(path: str, args: argparse.Namespace) -> Any:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _, row in formats.read_jsonl(path)]
 
 
 def sft_dataset(path: str) -> Any:
