@@ -386,7 +386,8 @@ def bench_kernels(args: argparse.Namespace, path: str) -> dict[str, Any]:
         torch.nn.functional.nll_loss(logps, targets).backward()
 
     def per_second(fn: Any, units: int) -> float:
-        fn()  # warm-up: one-off allocations
+        for _ in range(args.warmup):  # one-off allocations, left out like the trainers' first steps
+            fn()
         started = time.perf_counter()
         for _ in range(args.steps):
             fn()
