@@ -40,9 +40,9 @@ def test_eval_prompts_with_an_unknown_instruction_id_fail_before_any_generation(
     from pipeline.errors import DataError
     from pipeline.evaluation import load_prompts
 
-    rows = [*PROMPTS, {"prompt": "Hi.", "instruction_id_list": ["language:response_language"], "kwargs": [{}]}]
+    rows = [*PROMPTS, {"prompt": "Hi.", "instruction_id_list": ["language:response_dialect"], "kwargs": [{}]}]
     path = write_jsonl(tmp_path / "prompts.jsonl", rows)
-    with pytest.raises(DataError, match=r"prompts.jsonl:4: .*language:response_language.*Supported ids"):
+    with pytest.raises(DataError, match=r"prompts.jsonl:4: .*language:response_dialect.*Supported ids"):
         load_prompts(path)
     assert len(load_prompts(write_jsonl(tmp_path / "ok.jsonl", PROMPTS))) == 3
     broken = tmp_path / "broken.jsonl"
