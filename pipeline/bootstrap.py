@@ -63,9 +63,9 @@ class Resamples:
     def __init__(self, n_clusters: int, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> None:
         if n_clusters < 1:
             raise PipelineError("Cannot bootstrap an empty evaluation set; check the eval prompt and pair files.")
-        rng = random.Random(seed)
-        flat = np.fromiter((b * n_clusters + rng.randrange(n_clusters) for b in range(n_resamples)
-                            for _ in range(n_clusters)), dtype=np.int64, count=n_resamples * n_clusters)
+        rng, clusters = random.Random(seed), range(n_clusters)
+        drawn = np.array([rng.choices(clusters, k=n_clusters) for _ in range(n_resamples)], dtype=np.int64)
+        flat = (drawn + np.arange(n_resamples)[:, None] * n_clusters).ravel()
         self.counts = np.bincount(flat, minlength=n_resamples * n_clusters).reshape(n_resamples, n_clusters)
         self.n_clusters = n_clusters
 

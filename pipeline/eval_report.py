@@ -40,15 +40,15 @@ def format_value(metric: str, value: Any, ci: Any = None) -> str:
     return text
 
 
-def format_difference(metric: str, entry: Any) -> str:
-    """``+9.4 [+2.1, +16.0] better`` (points for rates) from a ``vs`` entry of metrics.json."""
+def format_difference(metric: str, entry: Any, with_verdict: bool = True) -> str:
+    """``+9.4 [+2.1, +16.0] **better**`` (points for rates) from a ``vs`` entry of metrics.json."""
     if not isinstance(entry, dict) or not _is_number(entry.get("diff")):
         return "–"
     pct = metric not in _NOT_PERCENT
     scale, digits = (100, 1) if pct else (1, 1 if metric == "mean_new_tokens" else 3)
     low, high = entry["ci95"]
-    return (f"{entry['diff'] * scale:+.{digits}f} [{low * scale:+.{digits}f}, {high * scale:+.{digits}f}] "
-            f"**{entry['verdict']}**")
+    text = f"{entry['diff'] * scale:+.{digits}f} [{low * scale:+.{digits}f}, {high * scale:+.{digits}f}]"
+    return text + (f" **{entry['verdict']}**" if with_verdict else "")
 
 
 def _steps(names: list[str]) -> list[tuple[str, str]]:
@@ -75,7 +75,8 @@ def _words(metrics: dict[str, dict], steps: list[tuple[str, str]], keys: list[tu
                        "worse": "a real loss (the 95 % interval excludes zero)",
                        "within noise": "within noise (the 95 % interval includes zero: no conclusion)"}.get(
                 entry["verdict"], f"{entry['verdict']} (the 95 % interval excludes zero)")
-            lines.append(f"- {earlier} → {later}, {metric}{where}: {format_difference(metric, entry)}: {meaning}.")
+            lines.append(f"- {earlier} → {later}, {metric}{where}: {format_difference(metric, entry, False)}: "
+                         f"{meaning}.")
     return lines
 
 

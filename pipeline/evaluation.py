@@ -323,7 +323,12 @@ def plot_model_comparison(metrics: dict[str, dict[str, Any]], path: Path) -> Non
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         values = [metrics[name].get(k, float("nan")) for k in keys]
-        ax.bar([x + i * width for x in range(len(keys))], values, width, label=name)
+        # 95 % bootstrap intervals as error bars, where the metrics have them
+        bounds = [ci if isinstance(ci := metrics[name].get("ci95", {}).get(k), list) and None not in ci else [v, v]
+                  for k, v in zip(keys, values, strict=True)]
+        errors = [[max(v - lo, 0) for v, (lo, _) in zip(values, bounds, strict=True)],
+                  [max(hi - v, 0) for v, (_, hi) in zip(values, bounds, strict=True)]]
+        ax.bar([x + i * width for x in range(len(keys))], values, width, yerr=errors, capsize=3, label=name)
     ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(keys))], keys, fontsize=8)
     ax.set_ylim(0, 1)
     ax.legend()

@@ -408,6 +408,12 @@ def test_evaluate_response_reports_strict_loose_and_prompt_level():
     assert not result["prompt_strict"] and result["prompt_loose"]
 
 
+def test_an_empty_response_follows_no_instruction_strictly_or_loosely():
+    result = C.evaluate_response("  \n", ["punctuation:no_comma", "length_constraints:number_words"],
+                                 [{}, {"num_words": 5, "relation": "less than"}])
+    assert result["strict"] == [False, False] and result["loose"] == [False, False]
+
+
 def test_evaluate_response_ignores_null_kwargs_as_in_ifeval_files():
     kwargs = [{"num_bullets": 2, "keywords": None, "relation": None}]
     result = C.evaluate_response("* a\n* b", ["detectable_format:number_bullet_lists"], kwargs)

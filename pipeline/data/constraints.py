@@ -1259,8 +1259,12 @@ def evaluate_response(response: str, instruction_id_list: Sequence[str], kwargs_
     if len(instruction_id_list) != len(kwargs_list):
         raise PipelineError(f"Got {len(instruction_id_list)} instruction ids but {len(kwargs_list)} kwargs dicts; "
                             "each instruction id needs its own kwargs entry (use {} when it has none).")
-    strict = [check(i, response, kw, prompt) for i, kw in zip(instruction_id_list, kwargs_list, strict=True)]
-    loose = [check_loose(i, response, kw, prompt) for i, kw in zip(instruction_id_list, kwargs_list, strict=True)]
+    # As in IFEval, an empty response follows nothing (it would otherwise pass "no commas", "fewer than N words").
+    answered = bool(response.strip())
+    strict = [answered and check(i, response, kw, prompt)
+              for i, kw in zip(instruction_id_list, kwargs_list, strict=True)]
+    loose = [answered and check_loose(i, response, kw, prompt)
+             for i, kw in zip(instruction_id_list, kwargs_list, strict=True)]
     return {"instruction_id_list": list(instruction_id_list), "strict": strict, "loose": loose,
             "prompt_strict": all(strict), "prompt_loose": all(loose)}
 
