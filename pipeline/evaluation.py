@@ -7,12 +7,14 @@ Reusable on its own (any JSONL with ``prompt`` + ``instruction_id_list`` + ``kwa
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.bootstrap import Estimate, Resamples, cluster_index, per_cluster, verdict
 from pipeline.data.constraints import aggregate, evaluate_response, get_constraint
 from pipeline.data.formats import read_jsonl
 from pipeline.errors import DataError, PipelineError
@@ -48,7 +50,7 @@ def score_generations(prompts: list[dict[str, Any]], outputs: list[dict[str, Any
     results = []
     for row, out in zip(prompts, outputs, strict=True):
         result = evaluate_response(out["text"], row["instruction_id_list"], row["kwargs"], row["prompt"])
-        out["constraints_strict"] = result["strict"]
+        out["constraints_strict"], out["constraints_loose"] = result["strict"], result["loose"]
         results.append(result)
     compliant = [out["stopped"] and bool(out["text"]) for out in outputs]
     return {
@@ -129,12 +131,22 @@ def _batched_with_progress(model: Any, tokenizer: Any, items: list[tuple[list[di
     return results
 
 
+def heldout_scores(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], desc: str,
+                   batch_size: int = 8) -> list[tuple[float, int]]:
+    """``(log-prob sum, tokens)`` of the final assistant answer of each held-out conversation."""
+    return _batched_with_progress(model, tokenizer, [(m[:-1], m[-1:]) for m in conversations], desc, batch_size)
+
+
+def mean_nll(scored: Sequence[tuple[float, int]]) -> float:
+    """Held-out loss: mean per-token NLL over all answers of :func:`heldout_scores` (token-weighted)."""
+    total, count = sum(-logp for logp, _ in scored), sum(n for _, n in scored)
+    return round(total / max(count, 1), 4)
+
+
 def heldout_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], desc: str,
                  batch_size: int = 8) -> float:
     """Mean per-token NLL of the final assistant answer of each held-out conversation."""
-    scored = _batched_with_progress(model, tokenizer, [(m[:-1], m[-1:]) for m in conversations], desc, batch_size)
-    total, count = sum(-logp for logp, _ in scored), sum(n for _, n in scored)
-    return round(total / max(count, 1), 4)
+    return mean_nll(heldout_scores(model, tokenizer, conversations, desc, batch_size))
 
 
 def pair_logps(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], desc: str,
@@ -155,6 +167,125 @@ def preference_accuracy(policy: list[tuple[float, float]], reference: list[tuple
     likelihood = [c > r for c, r in policy]
     n = max(len(policy), 1)
     return {"implicit_reward_acc": round(sum(implicit) / n, 4), "likelihood_acc": round(sum(likelihood) / n, 4)}
+
+
+# ------------------------------------------------------------------------------------------- intervals
+# Per-item values of a metric, as (numerators, denominators): the metric is sum(num) / sum(den), so prompt-level
+# accuracy is (pass, 1) per prompt, instruction-level accuracy (passed instructions, instructions) per prompt,
+# and held-out loss (NLL sum, tokens) per answer. Keys nest with "/": "by_split/seen/prompt_level_strict".
+Items = dict[str, tuple[list[float], list[float]]]
+
+# Which way is better, for the words of a comparison (None: neither, e.g. answer length).
+DIRECTION: dict[str, bool | None] = {"heldout_loss": False, "mean_new_tokens": None}
+_PROMPT_METRICS = ("format_compliance", "prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
+                   "instruction_level_loose")
+
+
+def prompt_items(prompts: Sequence[dict[str, Any]], outputs: Sequence[dict[str, Any]]) -> Items:
+    """Per-prompt values of the generation metrics (after :func:`score_generations`), overall, per constraint
+    type and per ``split`` (the eval file's seen / unseen label, where it has one)."""
+    items: Items = {}
+
+    def add(key: str, i: int, num: float, den: float) -> None:
+        nums, dens = items.setdefault(key, ([0.0] * len(prompts), [0.0] * len(prompts)))
+        nums[i] += num
+        dens[i] += den
+
+    for i, (row, out) in enumerate(zip(prompts, outputs, strict=True)):
+        strict, loose = out["constraints_strict"], out["constraints_loose"]
+        values = {"format_compliance": (out["stopped"] and bool(out["text"]), 1),
+                  "prompt_level_strict": (all(strict), 1), "prompt_level_loose": (all(loose), 1),
+                  "instruction_level_strict": (sum(strict), len(strict)),
+                  "instruction_level_loose": (sum(loose), len(loose))}
+        for key, (num, den) in values.items():
+            add(key, i, num, den)
+            if row.get("split"):
+                add(f"by_split/{row['split']}/{key}", i, num, den)
+        add("mean_new_tokens", i, out["new_tokens"], 1)
+        for instruction_id, ok in zip(row["instruction_id_list"], strict, strict=True):
+            add(f"per_type_strict/{instruction_id}", i, ok, 1)
+    return items
+
+
+def prompt_clusters(prompts: Sequence[dict[str, Any]]) -> list[Hashable]:
+    """The bootstrap unit of each eval prompt: its held-out source question where the file names one (prompts
+    built from one question move together), else the prompt itself."""
+    return [row.get("source_id") or row.get("key") or i for i, row in enumerate(prompts)]
+
+
+def pair_items(policy: Sequence[tuple[float, float]], reference: Sequence[tuple[float, float]]) -> Items:
+    """Per-pair values of :func:`preference_accuracy`."""
+    implicit = [float((c - rc) > (r - rr)) for (c, r), (rc, rr) in zip(policy, reference, strict=True)]
+    ones = [1.0] * len(policy)
+    return {"implicit_reward_acc": (implicit, ones), "likelihood_acc": ([float(c > r) for c, r in policy], ones)}
+
+
+def loss_items(scored: Sequence[tuple[float, int]]) -> Items:
+    """Per-answer values of :func:`mean_nll`."""
+    return {"heldout_loss": ([-logp for logp, _ in scored], [float(n) for _, n in scored])}
+
+
+def bootstrap_metrics(groups: Sequence[tuple[Sequence[Hashable], dict[str, Items]]], order: Sequence[str]
+                      ) -> tuple[dict[str, dict[str, Estimate]], dict[tuple[str, str], dict[str, Estimate]]]:
+    """95 % intervals of every metric of every model, and paired differences between models.
+
+    ``groups``: one ``(cluster key per item, {model: Items})`` per item set (eval prompts, preference pairs,
+    held-out answers). Each group draws its resamples once, so every model and every comparison within the
+    group sees the same resampled items. Returns ``({model: {metric: Estimate}}, {(earlier, later): {metric:
+    Estimate of later − earlier}})`` for every ordered pair of models in ``order`` that share the metric.
+    """
+    intervals: dict[str, dict[str, Estimate]] = {name: {} for name in order}
+    differences: dict[tuple[str, str], dict[str, Estimate]] = {}
+    for number, (keys, by_model) in enumerate(groups):
+        index, n_clusters = cluster_index(keys)
+        draws = Resamples(n_clusters, seed=number)
+        clustered = {name: {metric: (per_cluster(num, index, n_clusters), per_cluster(den, index, n_clusters))
+                            for metric, (num, den) in items.items()} for name, items in by_model.items()}
+        for name, metrics in clustered.items():
+            for metric, ratio in metrics.items():
+                intervals[name][metric] = draws.ratio(*ratio)
+        present = [n for n in order if n in clustered]
+        for i, earlier in enumerate(present):
+            for later in present[i + 1:]:
+                shared = clustered[earlier].keys() & clustered[later].keys()
+                differences.setdefault((earlier, later), {}).update(
+                    {m: draws.difference(clustered[earlier][m], clustered[later][m]) for m in sorted(shared)})
+    return intervals, differences
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a/b": x}`` → ``{"a": {"b": x}}`` (metric keys of :data:`Items` back into the metrics.json shape)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _r(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 4)  # JSON has no NaN (a subgroup no resample could measure)
+
+
+def interval_summary(intervals: dict[str, Estimate], differences: dict[str, dict[str, Estimate]]
+                     ) -> dict[str, Any]:
+    """The metrics.json additions of one model: ``ci95`` (``[low, high]`` per metric), ``by_split`` point
+    values, and ``vs`` (per earlier model: the paired difference, its interval and a verdict in words)."""
+    summary: dict[str, Any] = {
+        "ci95": nest({k: [_r(e.low), _r(e.high)] for k, e in intervals.items()}),
+        "by_split": nest({k.split("/", 1)[1]: _r(e.value) for k, e in intervals.items()
+                          if k.startswith("by_split/")}),
+        "vs": {},
+    }
+    for earlier, diffs in differences.items():
+        summary["vs"][earlier] = nest({
+            k: {"diff": _r(e.value), "ci95": [_r(e.low), _r(e.high)],
+                "verdict": verdict(e, DIRECTION.get(k.rsplit("/", 1)[-1], True))} for k, e in diffs.items()})
+    if not summary["by_split"]:
+        del summary["by_split"]
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -192,7 +323,12 @@ def plot_model_comparison(metrics: dict[str, dict[str, Any]], path: Path) -> Non
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         values = [metrics[name].get(k, float("nan")) for k in keys]
-        ax.bar([x + i * width for x in range(len(keys))], values, width, label=name)
+        # 95 % bootstrap intervals as error bars, where the metrics have them
+        bounds = [ci if isinstance(ci := metrics[name].get("ci95", {}).get(k), list) and None not in ci else [v, v]
+                  for k, v in zip(keys, values, strict=True)]
+        errors = [[max(v - lo, 0) for v, (lo, _) in zip(values, bounds, strict=True)],
+                  [max(hi - v, 0) for v, (_, hi) in zip(values, bounds, strict=True)]]
+        ax.bar([x + i * width for x in range(len(keys))], values, width, yerr=errors, capsize=3, label=name)
     ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(keys))], keys, fontsize=8)
     ax.set_ylim(0, 1)
     ax.legend()

@@ -12,7 +12,10 @@ Where it sits: offline, before any recipe runs. Inputs are the hand-written trai
                               line or marker, the way a small model fails under greedy decoding);
 - ``preferences_quickstart.jsonl``  the quickstart's DPO mix, rows of ``preferences.jsonl``: constraint pairs
                               mostly of the types SFT does not teach (``FOCUS_TYPES``), quality and loop pairs;
-- ``eval_prompts.jsonl``      IFEval-format prompts built only from held-out prompts;
+- ``eval_prompts.jsonl``      IFEval-format prompts built only from held-out prompts, two per held-out prompt:
+                              one ``seen`` (trained types, trained phrasings) and one ``unseen_phrasing`` (trained
+                              types, phrasings no training row uses) or ``unseen_type`` (a type no training row
+                              asks for), in the ``split`` field;
 - ``eval_preferences.jsonl``  the same kinds of pairs, built only from held-out prompts.
 
 Usage::
@@ -21,6 +24,10 @@ Usage::
     python scripts/build_data.py --out-dir /tmp/check # write elsewhere (tests compare byte for byte)
 
 Derived rows are named `<source id>/<suffix>` so every row can be traced to the prompt it came from.
+
+Generalisation: ``HELD_OUT_TYPES`` never appear in training rows, and the last ``HELD_OUT_PHRASINGS`` templates of
+every type (``pipeline.data.constraints.PHRASINGS``) are used only in eval prompts; instructions go before or after
+the request (``place_instructions``), so the model cannot rely on one position either.
 """
 
 from __future__ import annotations
@@ -42,18 +49,28 @@ if str(REPO) not in sys.path:  # let `python scripts/build_data.py` work without
 from pipeline.data.constraints import (  # noqa: E402
     CONSTRAINTS,
     apply_all,
+    can_rewrite,
     check,
     compatible,
     count_words,
     describe,
     is_applicable,
+    phrasing_templates,
     sample_kwargs,
     split_sentences,
 )
 from pipeline.data.formats import read_jsonl  # noqa: E402
 from pipeline.errors import DataError  # noqa: E402
 
-TYPES = sorted(CONSTRAINTS)
+# Types no training row asks for (the six IFEval types added last: the quickstart never trained on them), and how
+# many phrasings at the end of every type's list stay out of training (pipeline/data/constraints.py PHRASINGS).
+HELD_OUT_TYPES = ("change_case:capital_word_frequency", "detectable_content:number_placeholders",
+                  "detectable_format:constrained_response", "keywords:letter_frequency", "language:response_language",
+                  "length_constraints:nth_paragraph_first_word")
+HELD_OUT_PHRASINGS = 2
+TYPES = sorted(t for t in CONSTRAINTS if t not in HELD_OUT_TYPES)  # the types training data uses
+# Where an instruction goes: after the request on the same line, after it in a new paragraph, or before it.
+POSITIONS = ("end", "end_paragraph", "start")
 N_SFT, N_CONSTRAINT_PAIRS, N_EVAL_CONSTRAINT_PAIRS = 400, 300, 30
 # "Stops vs loops" pairs: a constrained prompt, its compliant answer, and that answer collapsing into a loop.
 N_LOOP_PAIRS = 75
@@ -171,9 +188,25 @@ def drop_near_duplicates(heldout: list[Example], training_prompts: Sequence[str]
 # --------------------------------------------------------------------------------------------------
 
 
-def with_instructions(prompt: str, instructions: Sequence[str]) -> str:
-    """The prompt with the constraint instructions appended (on a new paragraph if the prompt has lines)."""
-    return prompt.rstrip() + ("\n\n" if "\n" in prompt.strip() else " ") + " ".join(instructions)
+def phrasing_indices(instruction_id: str, kwargs: dict, phrasings: str) -> list[int]:
+    """Indices of the templates a row may use: ``"train"`` (all but the held-out last ones; every template of a
+    held-out type is unseen anyway), ``"heldout"`` (only the held-out ones) or ``"any"``."""
+    n = len(phrasing_templates(instruction_id, kwargs))
+    if phrasings == "any" or instruction_id in HELD_OUT_TYPES:
+        return list(range(n))
+    return list(range(n - HELD_OUT_PHRASINGS)) if phrasings == "train" else list(range(n - HELD_OUT_PHRASINGS, n))
+
+
+def place_instructions(prompt: str, instructions: Sequence[str], positions: Sequence[str]) -> str:
+    """The prompt with each instruction before or after it (``POSITIONS``); a prompt with lines keeps
+    instructions in their own paragraph."""
+    before = [text for text, where in zip(instructions, positions, strict=True) if where == "start"]
+    after = [text for text, where in zip(instructions, positions, strict=True) if where != "start"]
+    text = prompt.strip()
+    if after:
+        new_paragraph = "\n" in text or any(where == "end_paragraph" for where in positions)
+        text = text + ("\n\n" if new_paragraph else " ") + " ".join(after)
+    return " ".join(before) + "\n\n" + text if before else text
 
 
 @dataclass(frozen=True)
@@ -181,29 +214,43 @@ class Constrained:
     ids: list[str]
     kwargs: list[dict]
     prompt: str  # base prompt + instruction text
-    response: str  # the answer transformed to satisfy every constraint (checked)
+    response: str | None  # the answer transformed to satisfy every constraint (checked); None: check-only type
+    phrasing: list[int]  # index of each instruction's template in its type's PHRASINGS list
 
 
-def constrain(ex: Example, primary: str, counts: Counter, rng: random.Random) -> Constrained | None:
-    """Ask ``ex`` for ``primary`` (plus, sometimes, the least-used compatible type); None if it cannot work."""
-    if not is_applicable(primary, ex.answer):
+def constrain(ex: Example, primary: str, counts: Counter, rng: random.Random, phrasings: str = "train",
+              second_types: Sequence[str] = TYPES) -> Constrained | None:
+    """Ask ``ex`` for ``primary`` (plus, sometimes, the least-used compatible type of ``second_types``), phrased
+    with templates of the ``phrasings`` pool (:func:`phrasing_indices`); None if it cannot work.
+
+    A check-only primary (no rewriter, e.g. the response language) is asked for alone and has no response.
+    """
+    rewritable = can_rewrite(primary)
+    if rewritable and not is_applicable(primary, ex.answer):
         return None
     ids = [primary]
-    if rng.random() < SECOND_CONSTRAINT_P:
-        options = [t for t in TYPES if compatible([primary, t]) and is_applicable(t, ex.answer)]
+    if rewritable and rng.random() < SECOND_CONSTRAINT_P:
+        options = [t for t in second_types if compatible([primary, t]) and is_applicable(t, ex.answer)]
         if options:
             fewest = min(counts[t] for t in options)
             ids.append(rng.choice([t for t in options if counts[t] == fewest]))
     kwargs = [sample_kwargs(t, ex.answer, rng, ex.prompt) for t in ids]
-    response = apply_all(ex.answer, ids, kwargs, ex.prompt)
-    if count_words(response) < 2 or not all(check(t, response, kw) for t, kw in zip(ids, kwargs, strict=True)):
+    response = apply_all(ex.answer, ids, kwargs, ex.prompt) if rewritable else None
+    if response is not None and (count_words(response) < 2 or not all(
+            check(t, response, kw) for t, kw in zip(ids, kwargs, strict=True))):
         return None
-    prompt = with_instructions(ex.prompt, [describe(t, kw, rng) for t, kw in zip(ids, kwargs, strict=True)])
-    return Constrained(ids, kwargs, prompt, response)
+    phrasing = [rng.choice(phrasing_indices(t, kw, phrasings)) for t, kw in zip(ids, kwargs, strict=True)]
+    # "Repeat the request" must follow the request it points at, so a prompt asking for it keeps all at the end.
+    positions = [rng.choice(POSITIONS) for _ in ids]
+    if "combination:repeat_prompt" in ids:
+        positions = ["end" if where == "start" else where for where in positions]
+    texts = [describe(t, kw, i) for t, kw, i in zip(ids, kwargs, phrasing, strict=True)]
+    return Constrained(ids, kwargs, place_instructions(ex.prompt, texts, positions), response, phrasing)
 
 
 def constrained_stream(pool: Sequence[Example], n: int, rng: random.Random, primaries: Callable[[Counter], list[str]],
-                       finish: Callable[[Example, Constrained], str | None] = lambda ex, c: ""):
+                       finish: Callable[[Example, Constrained], str | None] = lambda ex, c: "",
+                       phrasings: str = "train"):
     """Yield up to ``n`` (example, constrained, finish(...)) triples, cycling through ``pool``.
 
     ``primaries`` proposes the types to lead with, in order; ``finish`` adds what else a row needs (e.g. the
@@ -218,7 +265,7 @@ def constrained_stream(pool: Sequence[Example], n: int, rng: random.Random, prim
             for _attempt in range(len(pool)):
                 ex = pool[cursor % len(pool)]
                 cursor += 1
-                made = constrain(ex, primary, counts, rng)
+                made = constrain(ex, primary, counts, rng, phrasings)
                 if made is None or (made.prompt, made.response) in seen:
                     continue
                 extra = finish(ex, made)
@@ -282,14 +329,14 @@ def rejected_for(ex: Example, c: Constrained, rng: random.Random, prefer_plain: 
 
 
 def constraint_pairs(pool: Sequence[Example], n: int, rng: random.Random,
-                     primaries: Callable[[Counter], list[str]], tag: str) -> list[dict]:
+                     primaries: Callable[[Counter], list[str]], tag: str, phrasings: str = "train") -> list[dict]:
     """Pairs whose chosen answer satisfies the prompt's constraints and whose rejected one does not."""
     rows: list[dict] = []
 
     def rejected(ex: Example, c: Constrained) -> str | None:
         return rejected_for(ex, c, rng, prefer_plain=len(rows) % 2 == 0)  # alternate plain / near miss
 
-    for i, (ex, c, text) in enumerate(constrained_stream(pool, n, rng, primaries, rejected)):
+    for i, (ex, c, text) in enumerate(constrained_stream(pool, n, rng, primaries, rejected, phrasings)):
         rows.append(constrained_pair(f"{ex.id}/{tag}{i:03d}", "constraint", c, text))
     return rows
 
@@ -444,17 +491,25 @@ def quality_pairs(pool: Sequence[Example], quota: dict[str, int], rng: random.Ra
 
 
 def build_eval_prompts(heldout: Sequence[Example], rng: random.Random) -> list[dict]:
-    """One IFEval-style prompt per held-out example; the least-used types go first so all are covered."""
+    """Two IFEval-style prompts per held-out example: a ``seen`` one (trained types and phrasings) and an unseen
+    one, alternately ``unseen_phrasing`` (trained types, held-out phrasings) and ``unseen_type`` (a held-out type
+    first). Least-used types go first so all are covered; both prompts of an example are adjacent."""
     counts: Counter = Counter()
     rows = []
-    for ex in heldout:
-        for primary in sorted(TYPES, key=lambda t: (counts[t], rng.random())):
-            made = constrain(ex, primary, counts, rng)
-            if made is not None:
+    plans = [("seen", TYPES, "train")]
+    for number, ex in enumerate(heldout):
+        unseen = ("unseen_phrasing", TYPES, "heldout") if number % 2 == 0 else ("unseen_type", HELD_OUT_TYPES, "train")
+        for split, primaries, phrasings in [*plans, unseen]:
+            for primary in sorted(primaries, key=lambda t: (counts[t], rng.random())):
+                made = constrain(ex, primary, counts, rng, phrasings)
+                if made is None:
+                    continue
                 counts.update(made.ids)
-                rows.append({"key": len(rows) + 1, "prompt": made.prompt, "instruction_id_list": made.ids,
-                             "kwargs": made.kwargs, "reference": made.response, "source_id": ex.id,
-                             "category": ex.category})
+                row = {"key": len(rows) + 1, "prompt": made.prompt, "instruction_id_list": made.ids,
+                       "kwargs": made.kwargs, "split": split, "phrasing": made.phrasing}
+                if made.response is not None:  # check-only types (response language) have no reference answer
+                    row["reference"] = made.response
+                rows.append({**row, "source_id": ex.id, "category": ex.category})
                 break
     return rows
 
@@ -525,7 +580,7 @@ def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
         "preferences_quickstart.jsonl": quickstart_mix(preferences, seed),
         "eval_prompts.jsonl": build_eval_prompts(heldout, stream("eval_prompts")),
         "eval_preferences.jsonl": constraint_pairs(eval_pool, N_EVAL_CONSTRAINT_PAIRS, eval_pref_rng,
-                                                   least_used(eval_pref_rng), "evalpref")
+                                                   least_used(eval_pref_rng), "evalpref", phrasings="any")
         + quality_pairs(heldout, {k: v[1] for k, v in QUALITY_QUOTA.items()}, eval_pref_rng, "evalpref"),
     }
 
@@ -544,7 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         kinds = Counter(r.get("kind") for r in rows if "kind" in r)
         print(f"{out_dir / name}: {len(rows)} rows" + (f" {dict(sorted(kinds.items()))}" if kinds else ""))
     types = Counter(t for r in files["eval_prompts.jsonl"] for t in r["instruction_id_list"])
-    print(f"eval prompts per constraint type: min {min(types[t] for t in TYPES)}, max {max(types.values())}")
+    print(f"eval prompts per constraint type: min {min(types[t] for t in CONSTRAINTS)}, max {max(types.values())}; "
+          f"per split: {dict(sorted(Counter(r['split'] for r in files['eval_prompts.jsonl']).items()))}")
     return 0
 
 

@@ -134,6 +134,47 @@ CASES: dict[str, dict] = {
         "fail": ["Yes.\n******\nYes.", "Yes.\n---\nNo.", "Yes.\n******\nNo.\n******\nMaybe."],
         "loose": "Here are two:\nYes.\n******\nNo.\n******",
     },
+    "length_constraints:nth_paragraph_first_word": {
+        "kwargs": {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "however"},
+        "pass": ["It rains.\n\nHowever, the sun returns.", "It rains.\n  \n\"However\" is my word.",
+                 "It rains.\n\n**However**, it stops."],
+        "fail": ["It rains.\nHowever, the sun returns.", "However, it rains.\n\nThe sun returns.",
+                 "It rains.\n\nHowever.\n\nAnd more."],
+        "loose": "Here you go:\n\nIt rains.\n\nHowever, it stops.",
+    },
+    "detectable_format:constrained_response": {
+        "kwargs": {},
+        "pass": ["My answer is yes.", "Hard to say. My answer is maybe. It depends on the tide."],
+        "fail": ["My answer is Yes.", "Yes.", "my answer is no."],
+        "loose": None,
+    },
+    "change_case:capital_word_frequency": {
+        "kwargs": {"capital_frequency": 2, "capital_relation": "at least"},
+        "pass": ["This is VERY IMPORTANT.", "I said NO."],
+        "fail": ["This is VERY important.", "Nothing Here Is Capitalised."],
+        "loose": None,
+    },
+    "keywords:letter_frequency": {
+        "kwargs": {"letter": "z", "let_frequency": 3, "let_relation": "at least"},
+        "pass": ["Zany zebras zoom.", "jazz fizz"],
+        "fail": ["Zany zebras run.", "no such letter"],
+        "loose": None,
+    },
+    "language:response_language": {
+        "kwargs": {"language": "es"},
+        "pass": ["El agua hierve a cien grados porque la presión del aire es la que hay en el nivel del mar.",
+                 "Para dormir mejor, es importante tener un horario fijo y no usar pantallas antes de la cama."],
+        "fail": ["Water boils at one hundred degrees because of the air pressure at sea level.",
+                 "L'eau bout à cent degrés parce que la pression de l'air est celle du niveau de la mer.", "42"],
+        "loose": "Here is the answer that you asked for, and it is in the language that you wanted to see:\n"
+                 "El agua hierve a cien grados por la presión del aire.",
+    },
+    "detectable_content:number_placeholders": {
+        "kwargs": {"num_placeholders": 2},
+        "pass": ["Dear [name], see you on [date].", "Meet at [place] [time]."],
+        "fail": ["Dear [name], see you soon.", "Dear [], see you on (date)."],
+        "loose": None,
+    },
 }
 
 # Every phrasing of a type must mention what the constraint is about (its number, word, phrase, ...).
@@ -146,6 +187,9 @@ DESCRIBE_MUST_MENTION = {
     "punctuation:no_comma": r"comma",
     "combination:repeat_prompt": r"request",
     "combination:two_responses": r"\*{6}",
+    "detectable_format:constrained_response": r"My answer is yes\..*My answer is no\..*My answer is maybe\.",
+    "change_case:capital_word_frequency": r"capital|caps|uppercase",
+    "language:response_language": r"Spanish",
 }
 
 # Answers (with the prompt they answer) that apply() must make compliant.
@@ -181,6 +225,21 @@ def _applicable_cases(instruction_id: str):
             yield prompt, answer, seed
 
 
+def _assert_check_only(instruction_id: str) -> None:
+    prompt, answer = ANSWERS[0]
+    kwargs = C.sample_kwargs(instruction_id, answer, random.Random(0), prompt)
+    assert not C.is_applicable(instruction_id, answer)
+    with pytest.raises(PipelineError, match="check-only.*evaluation prompts only"):
+        C.apply(instruction_id, answer, kwargs, prompt)
+    with pytest.raises(PipelineError, match="check-only"):
+        C.near_miss(instruction_id, answer, kwargs)
+
+
+def test_check_only_types_refuse_to_rewrite_and_are_never_applicable():
+    assert [t for t in REGISTRY if not C.can_rewrite(t)] == ["language:response_language"]
+    _assert_check_only("language:response_language")
+
+
 @pytest.mark.parametrize("instruction_id", REGISTRY)
 def test_strict_check_accepts_compliant_responses(instruction_id):
     case = CASES[instruction_id]
@@ -207,6 +266,9 @@ def test_loose_check_rescues_framing_lines_and_markdown_but_strict_does_not(inst
 
 @pytest.mark.parametrize("instruction_id", REGISTRY)
 def test_apply_output_passes_check_for_sampled_kwargs(instruction_id):
+    if not C.can_rewrite(instruction_id):
+        _assert_check_only(instruction_id)
+        return
     cases = list(_applicable_cases(instruction_id))
     assert len(cases) >= 8, "too few applicable answers to test this type; add answers to ANSWERS"
     for prompt, answer, seed in cases:
@@ -227,6 +289,8 @@ def test_near_miss_fails_check(instruction_id):
 
 @pytest.mark.parametrize("instruction_id", REGISTRY)
 def test_apply_is_deterministic(instruction_id):
+    if not C.can_rewrite(instruction_id):
+        return  # nothing to apply: see test_check_only_types_refuse_to_rewrite_and_are_never_applicable
     prompt, answer, seed = next(_applicable_cases(instruction_id))
     kwargs = C.sample_kwargs(instruction_id, answer, random.Random(seed), prompt)
     assert C.sample_kwargs(instruction_id, answer, random.Random(seed), prompt) == kwargs
@@ -236,11 +300,12 @@ def test_apply_is_deterministic(instruction_id):
 @pytest.mark.parametrize("instruction_id", REGISTRY)
 def test_describe_mentions_key_parameter_in_every_phrasing(instruction_id):
     kwargs = CASES[instruction_id]["kwargs"]
-    phrasings = {C.describe(instruction_id, kwargs, i) for i in range(6)}
-    assert len(phrasings) >= 2, "each type should have a few phrasings"
+    phrasings = {C.describe(instruction_id, kwargs, i) for i in range(len(C.phrasing_templates(instruction_id, kwargs)))}
+    assert len(phrasings) >= 6, "each type needs at least six phrasings (build_data holds some out of training)"
     for text in phrasings:
         for name, value in kwargs.items():
-            if name in ("relation", "prompt_to_repeat"):  # phrased in words / is the prompt itself
+            if name in ("relation", "let_relation", "capital_relation", "prompt_to_repeat", "language"):
+                # phrased in words / is the prompt itself / named, not coded
                 continue
             for item in value if isinstance(value, list) else [value]:
                 assert str(item) in text, (item, text)
@@ -343,6 +408,12 @@ def test_evaluate_response_reports_strict_loose_and_prompt_level():
     assert not result["prompt_strict"] and result["prompt_loose"]
 
 
+def test_an_empty_response_follows_no_instruction_strictly_or_loosely():
+    result = C.evaluate_response("  \n", ["punctuation:no_comma", "length_constraints:number_words"],
+                                 [{}, {"num_words": 5, "relation": "less than"}])
+    assert result["strict"] == [False, False] and result["loose"] == [False, False]
+
+
 def test_evaluate_response_ignores_null_kwargs_as_in_ifeval_files():
     kwargs = [{"num_bullets": 2, "keywords": None, "relation": None}]
     result = C.evaluate_response("* a\n* b", ["detectable_format:number_bullet_lists"], kwargs)
@@ -361,7 +432,7 @@ def test_aggregate_computes_prompt_and_instruction_level_accuracy():
 
 def test_unknown_instruction_id_raises_pipeline_error_listing_supported_ids():
     with pytest.raises(PipelineError, match="Supported ids: .*punctuation:no_comma"):
-        C.check("language:response_language", "Hola", {"language": "es"})
+        C.check("language:response_dialect", "Hola", {"language": "es"})
 
 
 def test_missing_kwarg_raises_pipeline_error_naming_it():
@@ -379,3 +450,58 @@ def test_mismatched_instruction_and_kwargs_lengths_raise():
 def test_registry_has_at_least_sixteen_types_with_ifeval_style_ids():
     assert len(C.CONSTRAINTS) >= 16
     assert all(re.fullmatch(r"[a-z_]+:[a-z_]+", i) and C.CONSTRAINTS[i].instruction_id == i for i in C.CONSTRAINTS)
+
+
+# Short answers as a model writes them (hand-written for these tests), one per language the detector knows.
+LANGUAGE_SAMPLES = {
+    "en": "The best way to learn a language is to use it every day, even when you make mistakes.",
+    "es": "La mejor manera de aprender un idioma es usarlo todos los días, aunque cometas errores.",
+    "fr": "La meilleure façon d'apprendre une langue est de la parler tous les jours, même avec des erreurs.",
+    "de": "Der beste Weg, eine Sprache zu lernen, ist sie jeden Tag zu benutzen, auch wenn man Fehler macht.",
+    "it": "Il modo migliore per imparare una lingua è usarla ogni giorno, anche quando si fanno errori.",
+    "pt": "A melhor maneira de aprender uma língua é usá-la todos os dias, mesmo quando se cometem erros.",
+    "nl": "De beste manier om een taal te leren is om die elke dag te gebruiken, ook als je fouten maakt.",
+    "ru": "Лучший способ выучить язык — пользоваться им каждый день.",
+    "ja": "言語を学ぶ一番の方法は、毎日使うことです。",
+    "zh": "学习语言最好的方法是每天使用它。",
+}
+
+
+@pytest.mark.parametrize("language", sorted(LANGUAGE_SAMPLES))
+def test_language_detector_names_the_language_of_a_one_sentence_answer(language):
+    assert C.detect_language(LANGUAGE_SAMPLES[language]) == language
+
+
+def test_language_detector_says_unknown_without_enough_evidence():
+    assert C.detect_language("42 + 17 = 59") == "unknown"
+    assert C.detect_language("Paris. Madrid. Berlin.") == "unknown"  # names only: no function words
+    assert C.detect_language("") == "unknown"
+
+
+def test_response_language_check_follows_the_requested_language_code():
+    spanish = LANGUAGE_SAMPLES["es"]
+    assert C.check("language:response_language", spanish, {"language": "es"})
+    assert not C.check("language:response_language", spanish, {"language": "pt"})
+    assert "Spanish" in C.describe("language:response_language", {"language": "es"})
+
+
+def test_every_type_has_six_phrasings_per_variant_with_only_known_fields():
+    for instruction_id in REGISTRY:
+        templates = C.all_templates(instruction_id)
+        for variant in {v for v, _, _ in templates}:
+            assert sum(v == variant for v, _, _ in templates) >= 6, (instruction_id, variant)
+        assert len({t for _, _, t in templates}) == len(templates), instruction_id  # no duplicate wording
+
+
+def test_registry_covers_all_25_ifeval_instruction_types():
+    ifeval = {"keywords:existence", "keywords:frequency", "keywords:forbidden_words", "keywords:letter_frequency",
+              "language:response_language", "length_constraints:number_sentences",
+              "length_constraints:number_paragraphs", "length_constraints:number_words",
+              "length_constraints:nth_paragraph_first_word", "detectable_content:number_placeholders",
+              "detectable_content:postscript", "detectable_format:number_bullet_lists",
+              "detectable_format:constrained_response", "detectable_format:number_highlighted_sections",
+              "detectable_format:multiple_sections", "detectable_format:json_format", "detectable_format:title",
+              "combination:two_responses", "combination:repeat_prompt", "startend:end_checker", "startend:quotation",
+              "change_case:capital_word_frequency", "change_case:english_capital", "change_case:english_lowercase",
+              "punctuation:no_comma"}
+    assert set(C.CONSTRAINTS) == ifeval

@@ -13,11 +13,12 @@ from pipeline.evaluation import score_generations
 from pipeline.runner import run_recipe
 
 PROMPTS = [
-    {"key": 1, "prompt": "Describe the sea. Answer in all lowercase letters.",
+    {"key": 1, "prompt": "Describe the sea. Answer in all lowercase letters.", "split": "seen", "source_id": "h1",
      "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]},
-    {"key": 2, "prompt": "Name a fruit. Do not use any commas.",
+    {"key": 2, "prompt": "Describe the sea. Do not use any commas.", "split": "unseen_phrasing", "source_id": "h1",
      "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
     {"key": 3, "prompt": "Say hi. End your response with the exact phrase 'Is there anything else?'",
+     "split": "seen", "source_id": "h2",
      "instruction_id_list": ["startend:end_checker"], "kwargs": [{"end_phrase": "Is there anything else?"}]},
 ]
 
@@ -40,9 +41,9 @@ def test_eval_prompts_with_an_unknown_instruction_id_fail_before_any_generation(
     from pipeline.errors import DataError
     from pipeline.evaluation import load_prompts
 
-    rows = [*PROMPTS, {"prompt": "Hi.", "instruction_id_list": ["language:response_language"], "kwargs": [{}]}]
+    rows = [*PROMPTS, {"prompt": "Hi.", "instruction_id_list": ["language:response_dialect"], "kwargs": [{}]}]
     path = write_jsonl(tmp_path / "prompts.jsonl", rows)
-    with pytest.raises(DataError, match=r"prompts.jsonl:4: .*language:response_language.*Supported ids"):
+    with pytest.raises(DataError, match=r"prompts.jsonl:4: .*language:response_dialect.*Supported ids"):
         load_prompts(path)
     assert len(load_prompts(write_jsonl(tmp_path / "ok.jsonl", PROMPTS))) == 3
     broken = tmp_path / "broken.jsonl"
@@ -91,10 +92,27 @@ def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):
         assert 0.0 <= metrics[name]["implicit_reward_acc"] <= 1.0
         assert metrics[name]["heldout_loss"] > 0
     assert "implicit_reward_acc" not in metrics["base"]
+    # every metric has its interval; later models carry paired differences against earlier ones
+    for name in ("base", "sft", "dpo"):
+        low, high = metrics[name]["ci95"]["prompt_level_strict"]
+        assert low <= metrics[name]["prompt_level_strict"] <= high
+        assert metrics[name]["by_split"]["seen"]["prompts"] == 2
+        assert metrics[name]["by_split"]["unseen_phrasing"]["prompts"] == 1
+    assert set(metrics["dpo"]["vs"]) == {"base", "sft"} and set(metrics["sft"]["vs"]) == {"base"}
+    step = metrics["dpo"]["vs"]["sft"]
+    for key in ("format_compliance", "instruction_level_strict", "likelihood_acc", "heldout_loss"):
+        assert step[key]["verdict"] in ("better", "worse", "within noise"), key
+        assert step[key]["ci95"][0] <= step[key]["diff"] <= step[key]["ci95"][1]
+    assert "prompt_level_strict" in step["by_split"]["seen"]
+    assert "ci95" in metrics["sft"] and "implicit_reward_acc" in metrics["sft"]["ci95"]
     for png in ("loss_curves.png", "comparison.png", "per_type.png"):
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "| format_compliance |" in report and "**dpo**" in report
+    assert "## Is each step a real gain?" in report and "sft → dpo" in report
+    assert "## Seen and unseen constraints" in report and "unseen_phrasing" in report
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "ci95" not in manifest["metrics"]["dpo"]  # the manifest keeps the headline numbers only
     rows = [json.loads(line) for line in (out / "generations_dpo.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["new_tokens"] <= 6 for r in rows)
     # re-running finds everything up to date

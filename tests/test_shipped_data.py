@@ -59,7 +59,7 @@ def test_sft_constraints_are_single_turn_messages_with_appended_instructions(fil
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
         base = last_user(instructions[source_of(row["id"])]["messages"])
         prompt = row["messages"][0]["content"]
-        assert prompt.startswith(base) and len(prompt) > len(base) + 10
+        assert base in prompt and len(prompt) > len(base) + 10  # instructions go before or after the request
 
 
 @pytest.mark.parametrize("name, constraint_pairs, loop_pairs, quality_pairs", [
@@ -135,14 +135,45 @@ def test_quality_pairs_chosen_is_the_reference_answer(files, instructions):
 
 def test_eval_prompts_are_ifeval_format_with_compliant_references(files):
     rows = files["eval_prompts.jsonl"]
-    assert len(rows) >= 120
+    assert len(rows) >= 240
     assert sorted(r["key"] for r in rows) == list(range(1, len(rows) + 1))
     for row in rows:
         assert isinstance(row["key"], int) and isinstance(row["prompt"], str)
         assert 1 <= len(row["instruction_id_list"]) <= 2 and C.compatible(row["instruction_id_list"])
-        assert len(row["kwargs"]) == len(row["instruction_id_list"])
+        assert len(row["kwargs"]) == len(row["instruction_id_list"]) == len(row["phrasing"])
+        if "reference" not in row:  # only a check-only type (no rewriter: the response language) has none
+            assert not all(C.can_rewrite(t) for t in row["instruction_id_list"]), row["key"]
+            continue
         result = C.evaluate_response(row["reference"], row["instruction_id_list"], row["kwargs"], row["prompt"])
         assert result["prompt_strict"], row["key"]
+
+
+def test_every_heldout_question_gives_one_seen_and_one_unseen_eval_prompt(files):
+    by_source: dict[str, list[str]] = {}
+    for row in files["eval_prompts.jsonl"]:
+        by_source.setdefault(row["source_id"], []).append(row["split"])
+    assert len(by_source) == len(files["heldout_prompts.jsonl"])
+    assert all(splits[0] == "seen" and splits[1] in ("unseen_phrasing", "unseen_type") and len(splits) == 2
+               for splits in by_source.values())
+    counts = Counter(s for splits in by_source.values() for s in splits)
+    assert counts["unseen_phrasing"] >= 50 and counts["unseen_type"] >= 50
+
+
+def test_split_labels_match_the_types_and_phrasings_each_eval_prompt_uses(files, build_data):
+    for row in files["eval_prompts.jsonl"]:
+        held_out_phrasing = []
+        for instruction_id, kwargs, index in zip(row["instruction_id_list"], row["kwargs"], row["phrasing"],
+                                                  strict=True):
+            assert C.describe(instruction_id, kwargs, index) in row["prompt"], row["key"]
+            n = len(C.phrasing_templates(instruction_id, kwargs))
+            held_out_phrasing.append(index >= n - build_data.HELD_OUT_PHRASINGS)
+        types_held_out = [t in build_data.HELD_OUT_TYPES for t in row["instruction_id_list"]]
+        if row["split"] == "unseen_type":
+            assert types_held_out[0], row["key"]
+        elif row["split"] == "unseen_phrasing":
+            assert not any(types_held_out) and all(held_out_phrasing), row["key"]
+        else:
+            assert row["split"] == "seen" and not any(types_held_out) and not any(held_out_phrasing), row["key"]
 
 
 def test_every_constraint_type_appears_at_least_five_times_in_eval(files):
@@ -169,7 +200,7 @@ def training_base_prompts(files, instructions) -> list[str]:
         prompts.append(last_user(instructions[source_of(row["id"])]["messages"]))
     for row in files["preferences.jsonl"]:
         base = last_user(instructions[source_of(row["id"])]["messages"])
-        assert row["prompt"][-1]["content"].startswith(base)
+        assert base in row["prompt"][-1]["content"]
         prompts += [m["content"] for m in row["prompt"][:-1] if m["role"] == "user"] + [base]
     return prompts
 
@@ -178,11 +209,11 @@ def eval_base_prompts(files) -> list[str]:
     heldout = {r["id"]: r["prompt"] for r in files["heldout_prompts.jsonl"]}
     prompts = []
     for row in files["eval_prompts.jsonl"]:
-        assert row["prompt"].startswith(heldout[row["source_id"]])
+        assert heldout[row["source_id"]] in row["prompt"]
         prompts.append(heldout[row["source_id"]])
     for row in files["eval_preferences.jsonl"]:
         base = heldout[source_of(row["id"])]
-        assert row["prompt"][-1]["content"].startswith(base)
+        assert base in row["prompt"][-1]["content"]
         prompts.append(base)
     return prompts
 
@@ -196,6 +227,63 @@ def test_eval_prompts_are_disjoint_from_training_prompts(files, instructions):
         grams = five_grams(prompt)
         worst = max(len(grams & t) / len(grams | t) for t in training_grams)
         assert worst < 0.5, prompt
+
+
+def template_pattern(template: str) -> re.Pattern[str]:
+    """A regex matching any rendering of a phrasing template ({fields} match any text)."""
+    parts = re.split(r"\{[a-z_]+\}", template)
+    return re.compile(".+?".join(re.escape(p) for p in parts), re.DOTALL)
+
+
+def held_out_patterns(build_data) -> list[tuple[str, str, re.Pattern[str]]]:
+    """(type, template, regex) of every phrasing training must not use: the held-out last ones of every type, and
+    every phrasing of a held-out type."""
+    patterns = []
+    for instruction_id in C.CONSTRAINTS:
+        templates = C.all_templates(instruction_id)
+        for variant, index, template in templates:
+            n = sum(v == variant for v, _, _ in templates)
+            if instruction_id in build_data.HELD_OUT_TYPES or index >= n - build_data.HELD_OUT_PHRASINGS:
+                patterns.append((instruction_id, template, template_pattern(template)))
+    return patterns
+
+
+def training_user_texts(files) -> list[str]:
+    texts = [m["content"] for row in files["instructions.jsonl"] for m in row["messages"] if m["role"] == "user"]
+    texts += [m["content"] for row in files["sft_constraints.jsonl"] for m in row["messages"] if m["role"] == "user"]
+    for name in ("preferences.jsonl", "preferences_quickstart.jsonl"):
+        texts += [m["content"] for row in files[name] for m in row["prompt"] if m["role"] == "user"]
+    return texts
+
+
+def test_held_out_phrasing_patterns_catch_a_rendered_held_out_instruction(build_data):
+    patterns = held_out_patterns(build_data)
+    kwargs = {"num_words": 40, "relation": "less than"}
+    last = C.describe("length_constraints:number_words", kwargs, 5)
+    first = C.describe("length_constraints:number_words", kwargs, 0)
+    assert any(p.search(f"Tell me about owls. {last}") for _, _, p in patterns)
+    assert not any(p.search(f"Tell me about owls. {first}") for _, _, p in patterns)
+
+
+def test_no_training_row_uses_a_held_out_type_or_phrasing(files, build_data):
+    for name in ("preferences.jsonl", "preferences_quickstart.jsonl"):
+        used = {t for row in files[name] for t in row["instruction_id_list"]}
+        assert not used & set(build_data.HELD_OUT_TYPES), name
+    patterns = held_out_patterns(build_data)
+    leaks = [(instruction_id, template, text[:80]) for text in training_user_texts(files)
+             for instruction_id, template, pattern in patterns if pattern.search(text)]
+    assert leaks == []
+
+
+def test_training_prompts_vary_phrasing_and_position(files, build_data):
+    texts = [row["messages"][0]["content"] for row in files["sft_constraints.jsonl"]]
+    for instruction_id in build_data.TYPES:
+        templates = C.all_templates(instruction_id)
+        used = {template for _, _, template in templates if any(template_pattern(template).search(t) for t in texts)}
+        assert len(used) >= 3, (instruction_id, used)
+    bases = [last_user(r["messages"]) for r in files["instructions.jsonl"]]
+    first_lines = Counter(any(t.startswith(b) for b in bases) for t in texts)
+    assert first_lines[True] > 100 and first_lines[False] > 50  # the request first, or an instruction first
 
 
 def test_eval_rows_come_only_from_heldout_ids(files, instructions):

@@ -184,11 +184,11 @@ class Constraint:
     """One verifiable constraint type: how to phrase it, check it, satisfy it, and just miss it."""
 
     instruction_id: str
-    phrasings: Callable[[Kwargs], list[str]]  # instruction texts for the kwargs, variant 0 first
     check: Callable[[str, Kwargs], bool]  # strict check of a response
-    apply: Callable[[str, Kwargs, str | None], str]  # (answer, kwargs, prompt) -> compliant answer
+    # (answer, kwargs, prompt) -> compliant answer; None for a check-only type (no reference answers, no pairs)
+    apply: Callable[[str, Kwargs, str | None], str] | None
     sample_kwargs: Callable[[str, random.Random, str | None], Kwargs]  # (answer, rng, prompt) -> kwargs
-    near_miss: Callable[[str, Kwargs], str]  # a compliance attempt that fails the check
+    near_miss: Callable[[str, Kwargs], str] | None  # a compliance attempt that fails the check
     stage: int  # order in which apply() runs when constraints are combined (content → structure → wrappers)
     applicable: Callable[[str], bool] = lambda answer: True  # does this constraint suit the answer at all?
 
@@ -198,15 +198,6 @@ def _noargs(_answer: str, _rng: random.Random, _prompt: str | None) -> Kwargs:
 
 
 # ---- length_constraints --------------------------------------------------------------------------
-
-
-def _number_words_phrasings(kw: Kwargs) -> list[str]:
-    n = kw["num_words"]
-    if kw["relation"] == "less than":
-        return [f"Answer in fewer than {n} words.", f"Keep your response under {n} words.",
-                f"Your whole reply must be shorter than {n} words."]
-    return [f"Answer with at least {n} words.", f"Your response should be {n} words long or longer.",
-            f"Write no fewer than {n} words."]
 
 
 def _number_words_apply(answer: str, kw: Kwargs, _prompt: str | None) -> str:
@@ -238,15 +229,6 @@ def _number_words_miss(answer: str, kw: Kwargs) -> str:
     if kw["relation"] == "less than":
         return answer
     return _number_words_apply(answer, {"num_words": kw["num_words"], "relation": "less than"}, None)
-
-
-def _number_sentences_phrasings(kw: Kwargs) -> list[str]:
-    n = kw["num_sentences"]
-    if kw["relation"] == "less than":
-        return [f"Answer in fewer than {n} sentences.", f"Use less than {n} sentences in your response.",
-                f"Your reply must contain less than {n} sentences."]
-    return [f"Answer in at least {n} sentences.", f"Your response must contain {n} or more sentences.",
-            f"Write no fewer than {n} sentences."]
 
 
 def _number_sentences_apply(answer: str, kw: Kwargs, _prompt: str | None) -> str:
@@ -483,14 +465,6 @@ def _forbidden_miss(answer: str, kw: Kwargs) -> str:
     return _join_paragraphs(answer, f"{kw['forbidden_words'][-1].capitalize()}, that is all there is to it.")
 
 
-def _frequency_phrasings(kw: Kwargs) -> list[str]:
-    w, n = kw["keyword"], kw["frequency"]
-    if kw["relation"] == "less than":
-        return [f'Use the word "{w}" fewer than {n} times.', f'The word "{w}" should appear less than {n} times.']
-    return [f'Use the word "{w}" at least {n} times.', f'The word "{w}" should appear {n} or more times.',
-            f'Mention "{w}" at least {n} times in your answer.']
-
-
 def _frequency_apply(answer: str, kw: Kwargs, _prompt: str | None) -> str:
     text = answer
     if kw["relation"] == "less than":
@@ -586,133 +560,524 @@ def _two_responses_apply(answer: str, _kw: Kwargs, _prompt: str | None) -> str:
     return f"{answer.strip()}\n******\n{short.strip()}"
 
 
+# ---- the six types added to reach IFEval's 25 ----------------------------------------------------
+
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+_FIRST_WORDS = ("first", "overall", "however", "also", "finally", "importantly", "moreover", "additionally")
+
+
+def _blank_line_paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in _BLANK_LINE.split(text) if p.strip()]
+
+
+def _first_word(paragraph: str) -> str:
+    word = paragraph.split()[0] if paragraph.split() else ""
+    return re.sub(r"[^\w'’-]", "", word.strip("*_\"'“”‘’")).lower()
+
+
+def _nth_paragraph_check(response: str, kw: Kwargs) -> bool:
+    paragraphs = _blank_line_paragraphs(response)
+    n = kw["nth_paragraph"]
+    return (len(paragraphs) == kw["num_paragraphs"] and 1 <= n <= len(paragraphs)
+            and _first_word(paragraphs[n - 1]) == kw["first_word"].lower())
+
+
+def _nth_paragraph_apply(answer: str, kw: Kwargs, _prompt: str | None) -> str:
+    groups = _group(_units(answer), kw["num_paragraphs"])
+    n, word = kw["nth_paragraph"] - 1, kw["first_word"]
+    body = groups[n]
+    if _first_word(body) != word.lower():  # "Moreover, the tide ..." keeps the paragraph's own opening
+        body = f"{word.capitalize()}, {body[:1].lower()}{body[1:]}"
+    groups[n] = body
+    return "\n\n".join(groups)
+
+
+def _nth_paragraph_sample(answer: str, rng: random.Random, _prompt: str | None) -> Kwargs:
+    n = rng.randint(2, min(4, max(2, len(_units(answer)))))
+    return {"num_paragraphs": n, "nth_paragraph": rng.randint(1, n), "first_word": rng.choice(_FIRST_WORDS)}
+
+
+def _nth_paragraph_miss(answer: str, kw: Kwargs) -> str:
+    # The right paragraphs, but the required word opens the wrong one (or none, when there is one paragraph).
+    wrong = kw["nth_paragraph"] % kw["num_paragraphs"] + 1
+    if wrong == kw["nth_paragraph"]:
+        return "\n\n".join(_group(_units(answer), kw["num_paragraphs"]))
+    return _nth_paragraph_apply(answer, {**kw, "nth_paragraph": wrong}, None)
+
+
+CONSTRAINED_OPTIONS = ("My answer is yes.", "My answer is no.", "My answer is maybe.")
+
+
+def _constrained_check(response: str, _kw: Kwargs) -> bool:
+    return any(option in response for option in CONSTRAINED_OPTIONS)
+
+
+def _constrained_apply(answer: str, _kw: Kwargs, _prompt: str | None) -> str:
+    # Open questions have no yes/no verdict: the honest option is "maybe", followed by the explanation.
+    return f"{CONSTRAINED_OPTIONS[2]}\n\n{answer}"
+
+
+def _capital_words(text: str) -> int:
+    """Words written entirely in capitals (as in IFEval, a one-letter "I" or "A" counts)."""
+    return sum(1 for word in _WORD.findall(text) if word.isupper())
+
+
+def _capital_words_apply(answer: str, kw: Kwargs, _prompt: str | None) -> str:
+    if kw["capital_relation"] == "less than":
+        text = answer
+        for word in sorted({w for w in _WORD.findall(answer) if w.isupper() and len(w) > 1}, key=len, reverse=True):
+            if _capital_words(text) < kw["capital_frequency"]:
+                break
+            text = _word_pattern(word).sub(word.capitalize(), text)
+        return text
+    text, missing = answer, kw["capital_frequency"] - _capital_words(answer)
+    for word in _content_words(answer):  # capitalise key words for emphasis, in order of first appearance
+        if missing <= 0:
+            break
+        before = _capital_words(text)
+        text = re.sub(r"(?<![^\W_])" + re.escape(word) + r"(?![^\W_])", word.upper(), text, count=1,
+                      flags=re.IGNORECASE)
+        missing -= _capital_words(text) - before
+    return text
+
+
+def _capital_words_sample(answer: str, rng: random.Random, _prompt: str | None) -> Kwargs:
+    present = _capital_words(answer)
+    if rng.random() < 0.7:
+        return {"capital_frequency": present + rng.randint(1, 3), "capital_relation": "at least"}
+    return {"capital_frequency": present + rng.randint(1, 3), "capital_relation": "less than"}
+
+
+def _capital_words_miss(answer: str, kw: Kwargs) -> str:
+    if kw["capital_relation"] == "at least":
+        return _capital_words_apply(answer, {**kw, "capital_frequency": kw["capital_frequency"] - 1}, None)
+    return _capital_words_apply(answer, {**kw, "capital_relation": "at least"}, None)
+
+
+def _letter_sample(answer: str, rng: random.Random, _prompt: str | None) -> Kwargs:
+    counts = {ch: answer.lower().count(ch) for ch in "abcdefghijklmnopqrstuvwxyz"}
+    if rng.random() < 0.6:
+        letter = rng.choice([ch for ch in sorted(counts) if counts[ch] >= 3] or ["e"])
+        return {"letter": letter, "let_frequency": max(1, int(counts[letter] * rng.uniform(0.5, 0.9))),
+                "let_relation": "at least"}
+    letter = rng.choice(sorted(counts))
+    return {"letter": letter, "let_frequency": counts[letter] + rng.randint(1, 4), "let_relation": "less than"}
+
+
+def _letter_miss(answer: str, kw: Kwargs) -> str:
+    letter, n = kw["letter"].lower(), kw["let_frequency"]
+    if kw["let_relation"] == "less than":
+        extra = max(0, n - answer.lower().count(letter))
+        return answer.rstrip() + ("\n\n" + " ".join([letter.upper() * 3] * (extra // 3 + 1)) if extra else "")
+    text = answer
+    while text and text.lower().count(letter) >= n:
+        text = text[: max(text.lower().rfind(letter), 0)]
+    return text.rstrip() or answer.replace(letter, "").replace(letter.upper(), "")
+
+
+_PLACEHOLDER = re.compile(r"\[[^\[\]\n]+\]")
+_PLACEHOLDER_NAMES = ("your name", "date", "place", "amount", "detail", "contact")
+
+
+def _placeholders_apply(answer: str, kw: Kwargs, _prompt: str | None) -> str:
+    need = kw["num_placeholders"] - len(_PLACEHOLDER.findall(answer))
+    if need <= 0:
+        return answer
+    fields = ", ".join(f"[{name}]" for name in _PLACEHOLDER_NAMES[:need])
+    return _join_paragraphs(answer, f"Adapt this to your case: {fields}.")
+
+
+def _placeholders_miss(answer: str, kw: Kwargs) -> str:
+    fewer = _placeholders_apply(answer, {"num_placeholders": kw["num_placeholders"] - 1}, None)
+    return fewer if kw["num_placeholders"] > 1 else _join_paragraphs(answer, "Adapt this to your case: (your name).")
+
+
+# Response language, offline and without a model: the language whose most frequent function words make up
+# the largest share of the response's words; non-Latin scripts by their Unicode block. Enough to tell which of
+# these languages a paragraph is in (tests), not to identify arbitrary text: anything else is "unknown".
+LANGUAGE_NAMES = {"en": "English", "es": "Spanish", "fr": "French", "de": "German", "it": "Italian",
+                  "pt": "Portuguese", "nl": "Dutch"}
+_FUNCTION_WORDS = {
+    "en": "the and of to is in that it for you are with as on this be not have or was by but they".split(),
+    "es": "el la de que y en los las es un una por con para no se del al lo como más su pero muy está".split(),
+    "fr": "le la les de des et est un une que en du pour pas dans qui sur au ce il elle vous avec sont".split(),
+    "de": "der die das und ist nicht ein eine zu den mit von sie es auf für im dem auch sich des wird".split(),
+    "it": "il la di che e è un una per non del della in sono con le gli si anche più questo ma".split(),
+    "pt": "o a os as de que e é um uma para com não do da em no na por se mais são também ao".split(),
+    "nl": "de het een en van is dat in niet op te met voor zijn ook die er maar als bij wordt".split(),
+}
+_SCRIPTS = {"ru": r"[\u0400-\u04ff]", "el": r"[\u0370-\u03ff]", "ar": r"[\u0600-\u06ff]", "he": r"[\u0590-\u05ff]",
+            "hi": r"[\u0900-\u097f]", "ja": r"[\u3040-\u30ff]", "ko": r"[\uac00-\ud7af]", "zh": r"[\u4e00-\u9fff]",
+            "th": r"[\u0e00-\u0e7f]"}
+
+
+def detect_language(text: str) -> str:
+    """ISO 639-1 code of the language ``text`` is written in, or ``"unknown"`` (see :data:`LANGUAGE_NAMES`).
+
+    Non-Latin scripts win when they make up most letters (kana before Han: Japanese mixes both). Latin-script
+    text goes to the language whose function words cover most of its words, if they cover at least 15 %
+    and clearly more than the runner-up's.
+    """
+    letters = [ch for ch in text if ch.isalpha()]
+    if not letters:
+        return "unknown"
+    for code, block in _SCRIPTS.items():
+        if len(re.findall(block, text)) >= 0.3 * len(letters):
+            return code
+    words = [w.lower() for w in _WORD.findall(text)]
+    if not words:
+        return "unknown"
+    scores = sorted(((sum(w in set(vocab) for w in words) / len(words), code)
+                     for code, vocab in _FUNCTION_WORDS.items()), reverse=True)
+    (best, code), (second, _) = scores[0], scores[1]
+    return code if best >= 0.15 and best >= 1.3 * second else "unknown"
+
+
+
 # ---- the registry --------------------------------------------------------------------------------
 
 _C = Constraint
 CONSTRAINTS: dict[str, Constraint] = {c.instruction_id: c for c in [
-    _C("length_constraints:number_words", _number_words_phrasings,
+    _C("length_constraints:number_words",
        lambda r, kw: _compare(count_words(r), kw["relation"], kw["num_words"]),
        _number_words_apply, _number_words_sample, _number_words_miss, stage=2,
        applicable=lambda a: count_words(a) >= 12),
-    _C("length_constraints:number_sentences", _number_sentences_phrasings,
+    _C("length_constraints:number_sentences",
        lambda r, kw: _compare(count_sentences(r), kw["relation"], kw["num_sentences"]),
        _number_sentences_apply, _number_sentences_sample, _number_sentences_miss, stage=1,
        applicable=lambda a: count_sentences(a) >= 2),
     _C("length_constraints:number_paragraphs",
-       lambda kw: [f"Write exactly {kw['num_paragraphs']} paragraphs, separated from each other by the "
-                   "markdown divider ***.",
-                   f"Your response should have {kw['num_paragraphs']} paragraphs. Put a line containing only "
-                   "*** between paragraphs."],
        _number_paragraphs_check, _number_paragraphs_apply,
        lambda a, rng, p: {"num_paragraphs": rng.randint(2, min(4, max(2, len(_units(a)))))},
        _number_paragraphs_miss, stage=4, applicable=lambda a: len(_units(a)) >= 2),
+    _C("length_constraints:nth_paragraph_first_word", _nth_paragraph_check, _nth_paragraph_apply,
+       _nth_paragraph_sample, _nth_paragraph_miss, stage=4, applicable=lambda a: len(_units(a)) >= 2),
     _C("detectable_format:number_bullet_lists",
-       lambda kw: [f"Format your answer as exactly {kw['num_bullets']} markdown bullet points, such as:\n"
-                   "* First point.\n* Second point.",
-                   f"Your answer must contain exactly {kw['num_bullets']} bullet points, each on its own line "
-                   "starting with \"* \".",
-                   f"Answer with {kw['num_bullets']} markdown bullet points and nothing else."],
        lambda r, kw: len(_BULLET.findall(r)) == kw["num_bullets"], _number_bullets_apply,
        lambda a, rng, p: {"num_bullets": rng.randint(2, min(5, max(2, len(_units(a)))))},
        _number_bullets_miss, stage=4, applicable=lambda a: len(_units(a)) >= 2),
     _C("detectable_format:json_format",
-       lambda kw: ["Wrap your entire output in JSON format.",
-                   "Format your whole response as valid JSON. You may put it inside markdown ``` ticks.",
-                   "Respond only with a JSON object."],
        _json_check, lambda a, kw, p: json.dumps({"answer": a}, ensure_ascii=False, indent=2), _noargs,
        lambda a, kw: "Here is the answer in JSON format:\n" + json.dumps({"answer": a}, ensure_ascii=False),
        stage=11),
     _C("detectable_format:title",
-       lambda kw: ["Your answer must contain a title, wrapped in double angular brackets, such as <<my title>>.",
-                   "Give your response a title inside double angle brackets, like <<title here>>.",
-                   "Start with a title enclosed in << and >>."],
        lambda r, kw: any(t.strip() for t in _TITLE.findall(r)),
        lambda a, kw, p: f"<<{_title_from(a, p)}>>\n\n{a}", _noargs,
        lambda a, kw: f"# {_title_from(a, None)}\n\n{a}", stage=5),
     _C("detectable_format:number_highlighted_sections",
-       lambda kw: [f"Highlight at least {_plural(kw['num_highlights'], 'section')} of your answer with "
-                   "markdown, i.e. *highlighted section*.",
-                   f"Mark at least {_plural(kw['num_highlights'], 'part')} of your response as *highlighted "
-                   "text* using single asterisks."],
        lambda r, kw: _highlights(r) >= kw["num_highlights"], _highlight_apply,
        lambda a, rng, p: {"num_highlights": rng.randint(1, min(3, max(1, count_sentences(a) - 1)))},
        _highlight_miss, stage=4, applicable=lambda a: count_sentences(a) >= 1 and "*" not in a),
     _C("detectable_format:multiple_sections",
-       lambda kw: [f"Your response must have {kw['num_sections']} sections. Mark the beginning of each section "
-                   f"with {kw['section_spliter']} X, such as: {kw['section_spliter']} 1",
-                   f"Divide your answer into {kw['num_sections']} sections, each starting with a line "
-                   f"\"{kw['section_spliter']} N\" (N = 1, 2, ...)."],
        lambda r, kw: len(_section_header(kw["section_spliter"]).findall(r)) >= kw["num_sections"],
        _sections_apply,
        lambda a, rng, p: {"section_spliter": rng.choice(["Section", "SECTION"]),
                           "num_sections": rng.randint(2, min(4, max(2, len(_units(a)))))},
        _sections_miss, stage=4, applicable=lambda a: len(_units(a)) >= 2),
+    _C("detectable_format:constrained_response", _constrained_check, _constrained_apply, _noargs,
+       lambda a, kw: f"{a.rstrip()}\n\nMy answer is: it depends.", stage=7),
     _C("change_case:english_lowercase",
-       lambda kw: ["Your entire response should be in English, and in all lowercase letters. No capital letters "
-                   "are allowed.", "Write your whole answer in lowercase letters only.",
-                   "Do not use any capital letters in your response."],
        lambda r, kw: r.islower(), lambda a, kw, p: a.lower(), _noargs,
        lambda a, kw: _sentence_case(a.lower()), stage=10, applicable=lambda a: any(ch.isupper() for ch in a)),
     _C("change_case:english_capital",
-       lambda kw: ["Your entire response should be in English, and in all capital letters.",
-                   "Write your whole answer in CAPITAL LETTERS only.", "Respond in all uppercase letters."],
        lambda r, kw: r.isupper(), lambda a, kw, p: a.upper(), _noargs, _capital_miss, stage=10,
        applicable=lambda a: count_sentences(a) >= 2),
+    _C("change_case:capital_word_frequency",
+       lambda r, kw: _compare(_capital_words(r), kw["capital_relation"], kw["capital_frequency"]),
+       _capital_words_apply, _capital_words_sample, _capital_words_miss, stage=3,
+       applicable=lambda a: len(_content_words(a)) >= 3),
     _C("keywords:existence",
-       lambda kw: [f"Include the keywords {_quoted(kw['keywords'])} in the response.",
-                   f"Make sure your answer mentions {_quoted(kw['keywords'])}.",
-                   f"Use the words {_quoted(kw['keywords'])} somewhere in your reply."],
        lambda r, kw: all(count_word(r, k) for k in kw["keywords"]), _existence_apply, _existence_sample,
        _existence_miss, stage=3, applicable=lambda a: count_sentences(a) >= 2),
     _C("keywords:forbidden_words",
-       lambda kw: [f"Do not include the words {_quoted(kw['forbidden_words'])} in the response.",
-                   f"Avoid the words {_quoted(kw['forbidden_words'])} in your answer.",
-                   f"Your reply must not contain the words {_quoted(kw['forbidden_words'])}."],
        _forbidden_check, _forbidden_apply, _forbidden_sample,
        _forbidden_miss, stage=0),
-    _C("keywords:frequency", _frequency_phrasings,
+    _C("keywords:frequency",
        lambda r, kw: _compare(count_word(r, kw["keyword"]), kw["relation"], kw["frequency"]),
        _frequency_apply, _frequency_sample, _frequency_miss, stage=3,
        applicable=lambda a: bool(_content_words(a))),
+    _C("keywords:letter_frequency",
+       lambda r, kw: _compare(r.lower().count(kw["letter"].lower()), kw["let_relation"], kw["let_frequency"]),
+       lambda a, kw, p: a, _letter_sample, _letter_miss, stage=12, applicable=lambda a: count_words(a) >= 12),
+    _C("language:response_language",
+       lambda r, kw: detect_language(r) == kw["language"], None,
+       lambda a, rng, p: {"language": rng.choice(sorted(set(LANGUAGE_NAMES) - {"en"}))}, None, stage=0),
     _C("startend:end_checker",
-       lambda kw: [f"Finish your response with this exact phrase: {kw['end_phrase']} No other words should "
-                   "follow this phrase.", f"End your answer with the exact phrase \"{kw['end_phrase']}\".",
-                   f"The last words of your reply must be: {kw['end_phrase']}"],
        _end_check, lambda a, kw, p: _join_paragraphs(a, kw["end_phrase"]),
        lambda a, rng, p: {"end_phrase": rng.choice(END_PHRASES)},
        lambda a, kw: _join_paragraphs(a, kw["end_phrase"] + " Have a great day."), stage=7),
     _C("startend:quotation",
-       lambda kw: ["Wrap your entire response with double quotation marks.",
-                   "Put your whole answer inside double quotes.",
-                   "Your response must start and end with a double quotation mark (\")."],
        _quotation_check, lambda a, kw, p: f'"{a}"', _noargs, lambda a, kw: f"'{a}'", stage=11),
     _C("punctuation:no_comma",
-       lambda kw: ["Do not use any commas in your response.", "In your entire response, avoid commas.",
-                   "Write your answer without a single comma."],
        lambda r, kw: "," not in r, lambda a, kw, p: re.sub(r",(\s?)", r"\1", a), _noargs,
        lambda a, kw: a.replace(",", "", a.count(",") - 1), stage=9, applicable=lambda a: "," in a),
     _C("detectable_content:postscript",
-       lambda kw: [f"At the end of your response, add a postscript starting with {kw['postscript_marker']}",
-                   f"Add a postscript at the end that begins with {kw['postscript_marker']}",
-                   f"Finish with a short note starting with \"{kw['postscript_marker']}\"."],
        _postscript_check, _postscript_apply, lambda a, rng, p: {"postscript_marker": rng.choice(["P.S.", "P.P.S."])},
        lambda a, kw: a.rstrip() + "\n\nNote: " + _stable_pick(_POSTSCRIPTS, a), stage=6),
+    _C("detectable_content:number_placeholders",
+       lambda r, kw: len(_PLACEHOLDER.findall(r)) >= kw["num_placeholders"], _placeholders_apply,
+       lambda a, rng, p: {"num_placeholders": rng.randint(1, 3)}, _placeholders_miss, stage=6,
+       applicable=lambda a: "[" not in a),
     _C("combination:repeat_prompt",
-       lambda kw: ["First repeat the request word for word without change, then give your answer. Do not say "
-                   "anything before repeating the request; the request to repeat does not include this sentence.",
-                   "Begin by copying the request above exactly as written (not including this instruction), "
-                   "then answer it."],
        _repeat_check, lambda a, kw, p: f"{kw['prompt_to_repeat'].strip()}\n\n{a}", _repeat_sample,
        lambda a, kw: f"You asked: {kw['prompt_to_repeat'].strip()}\n\n{a}", stage=8),
     _C("combination:two_responses",
-       lambda kw: ["Give two different responses. Separate the responses, and only the responses, with 6 asterisk "
-                   "symbols: ******.",
-                   "Write two different answers, one after the other, separated by a line of six asterisks "
-                   "(******)."],
        _two_responses_check, _two_responses_apply, _noargs,
        lambda a, kw: _two_responses_apply(a, kw, None).replace("******", "---"), stage=4,
        applicable=lambda a: count_sentences(a) >= 2),
 ]}
+
+# ---- phrasings -----------------------------------------------------------------------------------
+# Per type (and per relation, for the types that have one): at least six templates with {kwarg} fields.
+# ``scripts/build_data.py`` trains on the first ones of each list and keeps the last HELD_OUT_PHRASINGS of each
+# out of all training data (unseen phrasings for evaluation), so put new templates before the held-out ones
+# only if you mean to train on them. Lists render as "a", "b" and "c".
+
+_LESS, _LEAST = "less than", "at least"
+PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "length_constraints:number_words": {
+        _LESS: ("Answer in fewer than {num_words} words.", "Keep your response under {num_words} words.",
+                "Your whole reply must be shorter than {num_words} words.", "Word limit: less than {num_words} words.",
+                "Be brief: the answer has to stay below {num_words} words in total.",
+                "Please limit the length of your answer so that it remains under a total of {num_words} words."),
+        _LEAST: ("Answer with at least {num_words} words.", "Your response should be {num_words} words long or longer.",
+                 "Write no fewer than {num_words} words.", "Length requirement: a minimum of {num_words} words.",
+                 "Make sure the answer runs to {num_words} words or more.",
+                 "I need a reply of at least {num_words} words, so do not be too brief."),
+    },
+    "length_constraints:number_sentences": {
+        _LESS: ("Answer in fewer than {num_sentences} sentences.",
+                "Use less than {num_sentences} sentences in your response.",
+                "Your reply must contain less than {num_sentences} sentences.",
+                "Sentence limit: fewer than {num_sentences}.", "Do not write {num_sentences} sentences or more.",
+                "Say it in under {num_sentences} sentences, please."),
+        _LEAST: ("Answer in at least {num_sentences} sentences.",
+                 "Your response must contain {num_sentences} or more sentences.",
+                 "Write no fewer than {num_sentences} sentences.", "Use a minimum of {num_sentences} sentences.",
+                 "The answer needs {num_sentences} sentences at the very least.",
+                 "Please explain this in {num_sentences} or more full sentences."),
+    },
+    "length_constraints:number_paragraphs": {"": (
+        "Write exactly {num_paragraphs} paragraphs, separated from each other by the markdown divider ***.",
+        "Your response should have {num_paragraphs} paragraphs. Put a line containing only *** between paragraphs.",
+        "Split the answer into {num_paragraphs} paragraphs and put *** on its own line between each pair of them.",
+        "Use {num_paragraphs} paragraphs, divided by lines of three asterisks (***).",
+        "Organise your reply as {num_paragraphs} paragraphs; the separator between two paragraphs is a line with "
+        "just ***.",
+        "I want {num_paragraphs} paragraphs in total, with the markdown divider *** between consecutive "
+        "paragraphs.")},
+    "length_constraints:nth_paragraph_first_word": {"": (
+        "Write {num_paragraphs} paragraphs separated by blank lines. Paragraph {nth_paragraph} must start with the "
+        "word \"{first_word}\".",
+        "There should be {num_paragraphs} paragraphs, separated from each other by an empty line, and paragraph "
+        "number {nth_paragraph} has to begin with \"{first_word}\".",
+        "Use {num_paragraphs} paragraphs (one blank line between paragraphs); start paragraph {nth_paragraph} with "
+        "the word {first_word}.",
+        "Answer in {num_paragraphs} paragraphs divided by blank lines, the first word of paragraph "
+        "{nth_paragraph} being \"{first_word}\".",
+        "Your reply needs {num_paragraphs} blank-line-separated paragraphs, and paragraph {nth_paragraph} opens "
+        "with the word {first_word}.",
+        "Give {num_paragraphs} paragraphs with an empty line between them; begin paragraph {nth_paragraph} with "
+        "\"{first_word}\".")},
+    "detectable_format:number_bullet_lists": {"": (
+        "Format your answer as exactly {num_bullets} markdown bullet points, such as:\n* First point.\n* Second "
+        "point.",
+        "Your answer must contain exactly {num_bullets} bullet points, each on its own line starting with \"* \".",
+        "Answer with {num_bullets} markdown bullet points and nothing else.",
+        "Give the answer as a markdown list of exactly {num_bullets} items, each starting with \"* \".",
+        "Reply using precisely {num_bullets} bullets (lines that begin with an asterisk and a space).",
+        "Structure the response as {num_bullets} bullet points, no more and no fewer.")},
+    "detectable_format:json_format": {"": (
+        "Wrap your entire output in JSON format.",
+        "Format your whole response as valid JSON. You may put it inside markdown ``` ticks.",
+        "Respond only with a JSON object.", "The entire reply must be parseable as JSON.",
+        "Return your answer as JSON, with no text outside the JSON.", "Output nothing but valid JSON.")},
+    "detectable_format:title": {"": (
+        "Your answer must contain a title, wrapped in double angular brackets, such as <<my title>>.",
+        "Give your response a title inside double angle brackets, like <<title here>>.",
+        "Start with a title enclosed in << and >>.", "Include a title for the answer, written as <<Title>>.",
+        "Put a heading at the top in the form <<heading>>.",
+        "Add a title to your reply; mark it with double angle brackets, e.g. <<A good title>>.")},
+    "detectable_format:number_highlighted_sections": {"": (
+        "Highlight at least {sections} of your answer with markdown, i.e. *highlighted section*.",
+        "Mark at least {parts} of your response as *highlighted text* using single asterisks.",
+        "Use markdown to highlight {num_highlights} or more sections, like *this*.",
+        "Emphasise at least {passages} by wrapping each in single asterisks (*like this*).",
+        "In your reply, at least {pieces} of text should be highlighted with *asterisks*.",
+        "Make sure that {num_highlights} or more parts of the answer appear as *highlighted sections*.")},
+    "detectable_format:multiple_sections": {"": (
+        "Your response must have {num_sections} sections. Mark the beginning of each section with "
+        "{section_spliter} X, such as: {section_spliter} 1",
+        "Divide your answer into {num_sections} sections, each starting with a line \"{section_spliter} N\" "
+        "(N = 1, 2, ...).",
+        "Organise the reply in {num_sections} sections, labelled {section_spliter} 1, {section_spliter} 2 and so on.",
+        "Write {num_sections} sections; begin each one with the header {section_spliter} followed by its number.",
+        "Break the response into {num_sections} numbered parts, and open each part with \"{section_spliter} "
+        "<number>\".",
+        "There should be {num_sections} sections in your answer, headed {section_spliter} 1, {section_spliter} 2, "
+        "etc.")},
+    "detectable_format:constrained_response": {"": (
+        "Answer with one of the following options: My answer is yes., My answer is no., My answer is maybe.",
+        "Your reply must include one of these exact sentences: \"My answer is yes.\", \"My answer is no.\" or "
+        "\"My answer is maybe.\"",
+        "Give your verdict as \"My answer is yes.\", \"My answer is no.\" or \"My answer is maybe.\", word for word.",
+        "Include exactly one of the phrases \"My answer is yes.\", \"My answer is no.\", \"My answer is maybe.\" in "
+        "the reply.",
+        "State your verdict with one of: My answer is yes. / My answer is no. / My answer is maybe.",
+        "Whatever else you write, use one of these sentences: \"My answer is yes.\", \"My answer is no.\", "
+        "\"My answer is maybe.\"")},
+    "change_case:english_lowercase": {"": (
+        "Your entire response should be in English, and in all lowercase letters. No capital letters are allowed.",
+        "Write your whole answer in lowercase letters only.", "Do not use any capital letters in your response.",
+        "Use only lowercase letters throughout the reply.",
+        "Every letter of your answer must be lowercase; no capital letters at all.",
+        "Reply entirely in lowercase, including the first word of each sentence.")},
+    "change_case:english_capital": {"": (
+        "Your entire response should be in English, and in all capital letters.",
+        "Write your whole answer in CAPITAL LETTERS only.", "Respond in all uppercase letters.",
+        "Use uppercase for every letter of the reply.", "Your answer must be written entirely in capital letters.",
+        "Type the whole response in caps lock, i.e. ALL CAPITALS.")},
+    "change_case:capital_word_frequency": {
+        _LESS: ("Use fewer than {capital_frequency} words in all capital letters.",
+                "Words written entirely in capitals should appear less than {capital_frequency} times.",
+                "Do not write {capital_frequency} or more words in ALL CAPS.",
+                "Keep the number of all-uppercase words below {capital_frequency}.",
+                "Limit fully capitalised words to fewer than {capital_frequency}.",
+                "You may use all-capital words, but fewer than {capital_frequency} of them."),
+        _LEAST: ("In your response, words with all capital letters should appear at least {capital_frequency} "
+                 "times.", "Write at least {capital_frequency} words in ALL CAPS for emphasis.",
+                 "Use {capital_frequency} or more fully capitalised words.",
+                 "Emphasise key words by writing at least {capital_frequency} of them in capital letters.",
+                 "Include no fewer than {capital_frequency} words spelled entirely in uppercase.",
+                 "At least {capital_frequency} words of your answer should be in all capitals."),
+    },
+    "keywords:existence": {"": (
+        "Include the keywords {keywords} in the response.", "Make sure your answer mentions {keywords}.",
+        "Use the words {keywords} somewhere in your reply.", "Your response must contain the words {keywords}.",
+        "Work the terms {keywords} into your answer.", "Be sure to use {keywords} in what you write.")},
+    "keywords:forbidden_words": {"": (
+        "Do not include the words {forbidden_words} in the response.",
+        "Avoid the words {forbidden_words} in your answer.",
+        "Your reply must not contain the words {forbidden_words}.", "Never use the words {forbidden_words}.",
+        "The words {forbidden_words} are not allowed anywhere in your answer.",
+        "Steer clear of {forbidden_words} entirely when you reply.")},
+    "keywords:frequency": {
+        _LESS: ("Use the word \"{keyword}\" fewer than {frequency} times.",
+                "The word \"{keyword}\" should appear less than {frequency} times.",
+                "Do not use \"{keyword}\" {frequency} or more times.",
+                "Mention \"{keyword}\" fewer than {frequency} times in your reply.",
+                "Keep the number of times you write \"{keyword}\" below {frequency}.",
+                "Limit the word \"{keyword}\" to less than {frequency} occurrences."),
+        _LEAST: ("Use the word \"{keyword}\" at least {frequency} times.",
+                 "The word \"{keyword}\" should appear {frequency} or more times.",
+                 "Mention \"{keyword}\" at least {frequency} times in your answer.",
+                 "Repeat the word \"{keyword}\" at least {frequency} times.",
+                 "Your answer needs to contain \"{keyword}\" no fewer than {frequency} times.",
+                 "Make the word \"{keyword}\" occur {frequency} times or more."),
+    },
+    "keywords:letter_frequency": {
+        _LESS: ("Use the letter \"{letter}\" fewer than {let_frequency} times in your response.",
+                "The letter \"{letter}\" should appear less than {let_frequency} times.",
+                "Do not write the letter {letter} {let_frequency} or more times.",
+                "Keep the count of the letter \"{letter}\" below {let_frequency}.",
+                "Your reply should have fewer than {let_frequency} occurrences of the letter {letter}.",
+                "Make sure the letter \"{letter}\" occurs fewer than {let_frequency} times."),
+        _LEAST: ("In your response, the letter \"{letter}\" should appear at least {let_frequency} times.",
+                 "Use the letter {letter} {let_frequency} or more times.",
+                 "The letter \"{letter}\" must occur no fewer than {let_frequency} times.",
+                 "Include the letter \"{letter}\" at least {let_frequency} times.",
+                 "Your answer needs {let_frequency} or more occurrences of the letter {letter}.",
+                 "Write a reply in which the letter \"{letter}\" appears at least {let_frequency} times."),
+    },
+    "language:response_language": {"": (
+        "Your ENTIRE response should be in {language_name}, no other language is allowed.",
+        "Answer in {language_name} only.", "Write the whole reply in the {language_name} language.",
+        "Please respond in {language_name}.", "Do not use English: your answer must be written in {language_name}.",
+        "Use {language_name} for the entire answer.")},
+    "startend:end_checker": {"": (
+        "Finish your response with this exact phrase: {end_phrase} No other words should follow this phrase.",
+        "End your answer with the exact phrase \"{end_phrase}\".", "The last words of your reply must be: {end_phrase}",
+        "Close the response with \"{end_phrase}\" and write nothing after it.",
+        "Your final sentence must be exactly \"{end_phrase}\".",
+        "Conclude with the words \"{end_phrase}\", and let nothing follow them.")},
+    "startend:quotation": {"": (
+        "Wrap your entire response with double quotation marks.", "Put your whole answer inside double quotes.",
+        "Your response must start and end with a double quotation mark (\").",
+        "Enclose the full reply in double quotation marks.",
+        "Begin and end your answer with the \" character, so the whole of it is quoted.",
+        "Present the complete answer as one quotation, inside double quotes.")},
+    "punctuation:no_comma": {"": (
+        "Do not use any commas in your response.", "In your entire response, avoid commas.",
+        "Write your answer without a single comma.", "No commas are allowed in the reply.",
+        "Refrain from using any comma anywhere in your answer.", "Your answer must be free of commas.")},
+    "detectable_content:postscript": {"": (
+        "At the end of your response, add a postscript starting with {postscript_marker}",
+        "Add a postscript at the end that begins with {postscript_marker}",
+        "Finish with a short note starting with \"{postscript_marker}\".",
+        "After your answer, include a postscript marked {postscript_marker}",
+        "Please end with an afterthought that opens with \"{postscript_marker}\".",
+        "Append a {postscript_marker} note after the main answer.")},
+    "detectable_content:number_placeholders": {"": (
+        "The response must contain at least {num_placeholders} placeholders represented by square brackets, such "
+        "as [address].", "Include at least {num_placeholders} placeholders in square brackets, like [name].",
+        "Leave {num_placeholders} or more blanks for the reader to fill in, written as [placeholder].",
+        "Use no fewer than {num_placeholders} bracketed placeholders such as [date] in your answer.",
+        "Your reply should have at least {num_placeholders} fill-in fields in square brackets, e.g. [your city].",
+        "Add {num_placeholders} or more placeholders in [square brackets].")},
+    "combination:repeat_prompt": {"": (
+        "First repeat the request word for word without change, then give your answer. Do not say anything before "
+        "repeating the request; the request to repeat does not include this sentence.",
+        "Begin by copying the request above exactly as written (not including this instruction), then answer it.",
+        "Start your reply by restating the request verbatim (leave out this sentence), and only then answer.",
+        "Repeat the request exactly (everything except this instruction) before you respond to it.",
+        "Your response should open with an exact copy of the request, minus this sentence, followed by the answer.",
+        "Echo the request back word for word, without this instruction, and then give your answer.")},
+    "combination:two_responses": {"": (
+        "Give two different responses. Separate the responses, and only the responses, with 6 asterisk symbols: "
+        "******.",
+        "Write two different answers, one after the other, separated by a line of six asterisks (******).",
+        "Provide two distinct responses and put ****** between them.",
+        "Answer twice, in two different ways, with ****** separating the two answers.",
+        "I would like two alternative replies; use ****** as the only separator between them.",
+        "Offer a pair of different answers divided by six asterisks, like this: ******.")},
+}
+# The kwarg that picks a type's list of phrasings (types without one have a single list, keyed "").
+_VARIANT_KEY = {"length_constraints:number_words": "relation", "length_constraints:number_sentences": "relation",
+                "keywords:frequency": "relation", "keywords:letter_frequency": "let_relation",
+                "change_case:capital_word_frequency": "capital_relation"}
+
+
+def _fields(kw: Kwargs) -> Kwargs:
+    """Template fields: the kwargs (lists as "a", "b" and "c") plus a few worded forms."""
+    fields: Kwargs = {k: _quoted(v) if isinstance(v, list) else v for k, v in kw.items()}
+    if "num_highlights" in kw:
+        n = kw["num_highlights"]
+        fields.update({noun: _plural(n, noun[:-1]) for noun in ("sections", "parts", "passages", "pieces")})
+    if "language" in kw:
+        fields["language_name"] = LANGUAGE_NAMES.get(kw["language"], kw["language"])
+    return fields
+
+
+def phrasing_templates(instruction_id: str, kwargs: Kwargs | None = None) -> tuple[str, ...]:
+    """The instruction templates of a type; for types with a relation, those of ``kwargs``' relation."""
+    get_constraint(instruction_id)
+    variants = PHRASINGS[instruction_id]
+    key = _VARIANT_KEY.get(instruction_id)
+    if key is None:
+        return variants[""]
+    kw = _clean(kwargs)
+    if key not in kw:
+        raise PipelineError(f"Constraint {instruction_id} needs the kwarg '{key}'; got {sorted(kw)}.")
+    if kw[key] not in variants:
+        raise PipelineError(f"Unknown relation {kw[key]!r} in constraint kwargs; use one of {list(RELATIONS)}.")
+    return variants[kw[key]]
+
+
+def all_templates(instruction_id: str) -> list[tuple[str, int, str]]:
+    """Every ``(variant, index, template)`` of a type (variant: the relation, or "")."""
+    return [(variant, i, t) for variant, templates in PHRASINGS[instruction_id].items()
+            for i, t in enumerate(templates)]
+
 
 # Types whose apply() leaves code intact (the others restructure, re-case or cut text and would break it).
 _CODE_SAFE = {"detectable_format:title", "detectable_content:postscript", "startend:end_checker",
@@ -752,6 +1117,19 @@ _CONFLICT_LIST = [
         "length_constraints:number_words", "detectable_content:postscript", "keywords:frequency",
         "startend:end_checker")],
     *[("detectable_format:json_format", other) for other in CONSTRAINTS if other not in _JSON_OK],
+    # Check-only: nothing can rewrite an answer into another language, so it is always asked for alone.
+    *[("language:response_language", other) for other in CONSTRAINTS if other != "language:response_language"],
+    # Paragraph counts break when another constraint adds or regroups paragraphs.
+    *[("length_constraints:nth_paragraph_first_word", other) for other in (
+        "length_constraints:number_paragraphs", "detectable_format:number_bullet_lists",
+        "detectable_format:multiple_sections", "combination:two_responses", "combination:repeat_prompt",
+        "detectable_format:title", "detectable_content:postscript", "startend:end_checker", "keywords:existence",
+        "detectable_content:number_placeholders", "detectable_format:constrained_response",
+        "length_constraints:number_sentences", "length_constraints:number_words")],
+    ("detectable_format:constrained_response", "change_case:english_lowercase"),
+    ("detectable_format:constrained_response", "change_case:english_capital"),
+    ("change_case:capital_word_frequency", "change_case:english_lowercase"),
+    ("change_case:capital_word_frequency", "change_case:english_capital"),
 ]
 _CONFLICTS = {frozenset(pair) for pair in _CONFLICT_LIST}
 
@@ -781,9 +1159,17 @@ def get_constraint(instruction_id: str) -> Constraint:
 
 
 def is_applicable(instruction_id: str, answer: str) -> bool:
-    """Does the constraint suit this answer (e.g. enough sentences to make bullets; no code to re-case)?"""
+    """Does the constraint suit this answer (e.g. enough sentences to make bullets; no code to re-case)?
+
+    Check-only types (no ``apply``, e.g. the response language) suit no answer: they cannot be rewritten into."""
     spec = get_constraint(instruction_id)
-    return (instruction_id in _CODE_SAFE or not _has_code(answer)) and spec.applicable(answer)
+    return (spec.apply is not None and (instruction_id in _CODE_SAFE or not _has_code(answer))
+            and spec.applicable(answer))
+
+
+def can_rewrite(instruction_id: str) -> bool:
+    """Can :func:`apply` make an answer follow this type (else it is check-only: evaluation prompts only)?"""
+    return get_constraint(instruction_id).apply is not None
 
 
 def _clean(kwargs: Kwargs | None) -> Kwargs:
@@ -792,16 +1178,18 @@ def _clean(kwargs: Kwargs | None) -> Kwargs:
 
 
 def describe(instruction_id: str, kwargs: Kwargs, rng: random.Random | int | None = None) -> str:
-    """The natural-language instruction for a constraint; ``rng`` (a Random or an int) picks the phrasing."""
+    """The natural-language instruction for a constraint; ``rng`` (a Random, or an int: the index into
+    :func:`phrasing_templates`) picks the phrasing, ``None`` the first one."""
     kw = _clean(kwargs)
+    options = phrasing_templates(instruction_id, kw)
+    if rng is None:
+        template = options[0]
+    else:
+        template = options[rng.randrange(len(options)) if isinstance(rng, random.Random) else rng % len(options)]
     try:
-        options = get_constraint(instruction_id).phrasings(kw)
+        return template.format(**_fields(kw))
     except KeyError as missing:
         raise PipelineError(f"Constraint {instruction_id} needs the kwarg {missing}; got {sorted(kw)}.") from None
-    if rng is None:
-        return options[0]
-    index = rng.randrange(len(options)) if isinstance(rng, random.Random) else rng % len(options)
-    return options[index]
 
 
 def check(instruction_id: str, response: str, kwargs: Kwargs, prompt: str | None = None) -> bool:
@@ -833,7 +1221,15 @@ def apply(instruction_id: str, answer: str, kwargs: Kwargs, prompt: str | None =
     For "at least" relations the kwargs from :func:`sample_kwargs` already hold for the answer; callers
     should still :func:`check` the result (:func:`apply_all` does not).
     """
-    return get_constraint(instruction_id).apply(answer, _clean(kwargs), prompt)
+    return _rewriter(instruction_id, "apply")(answer, _clean(kwargs), prompt)
+
+
+def _rewriter(instruction_id: str, kind: str) -> Callable:
+    fn = getattr(get_constraint(instruction_id), kind)
+    if fn is None:
+        raise PipelineError(f"{instruction_id} is check-only: there is no {kind} for it (it cannot rewrite an "
+                            "answer into, e.g., another language). Use it in evaluation prompts only.")
+    return fn
 
 
 def apply_all(answer: str, instruction_ids: Sequence[str], kwargs_list: Sequence[Kwargs],
@@ -842,14 +1238,14 @@ def apply_all(answer: str, instruction_ids: Sequence[str], kwargs_list: Sequence
     order = sorted(range(len(instruction_ids)), key=lambda i: get_constraint(instruction_ids[i]).stage)
     text = answer
     for i in order:
-        spec, kw = get_constraint(instruction_ids[i]), _clean(kwargs_list[i])
-        text = spec.near_miss(text, kw) if instruction_ids[i] == miss else spec.apply(text, kw, prompt)
+        iid, kw = instruction_ids[i], _clean(kwargs_list[i])
+        text = _rewriter(iid, "near_miss")(text, kw) if iid == miss else _rewriter(iid, "apply")(text, kw, prompt)
     return text
 
 
 def near_miss(instruction_id: str, answer: str, kwargs: Kwargs) -> str:
     """A response that tries to follow the constraint but fails its check (for rejected preference answers)."""
-    return get_constraint(instruction_id).near_miss(answer, _clean(kwargs))
+    return _rewriter(instruction_id, "near_miss")(answer, _clean(kwargs))
 
 
 def sample_kwargs(instruction_id: str, answer: str, rng: random.Random, prompt: str | None = None) -> Kwargs:
@@ -863,8 +1259,12 @@ def evaluate_response(response: str, instruction_id_list: Sequence[str], kwargs_
     if len(instruction_id_list) != len(kwargs_list):
         raise PipelineError(f"Got {len(instruction_id_list)} instruction ids but {len(kwargs_list)} kwargs dicts; "
                             "each instruction id needs its own kwargs entry (use {} when it has none).")
-    strict = [check(i, response, kw, prompt) for i, kw in zip(instruction_id_list, kwargs_list, strict=True)]
-    loose = [check_loose(i, response, kw, prompt) for i, kw in zip(instruction_id_list, kwargs_list, strict=True)]
+    # As in IFEval, an empty response follows nothing (it would otherwise pass "no commas", "fewer than N words").
+    answered = bool(response.strip())
+    strict = [answered and check(i, response, kw, prompt)
+              for i, kw in zip(instruction_id_list, kwargs_list, strict=True)]
+    loose = [answered and check_loose(i, response, kw, prompt)
+             for i, kw in zip(instruction_id_list, kwargs_list, strict=True)]
     return {"instruction_id_list": list(instruction_id_list), "strict": strict, "loose": loose,
             "prompt_strict": all(strict), "prompt_loose": all(loose)}
 

@@ -2,8 +2,10 @@
 
 Writes ``<output_dir>/eval/metrics.json``, ``report.md``, PNG plots and ``generations_<model>.jsonl``.
 Metrics: format compliance (answers, then stops), IFEval-style constraint accuracy (strict/loose, per
-type), held-out preference accuracy (DPO implicit reward vs the stage's reference), held-out loss of
-reference answers; plus the SFT/DPO training loss curves.
+type, per seen/unseen split), held-out preference accuracy (DPO implicit reward vs the stage's reference),
+held-out loss of reference answers; plus the SFT/DPO training loss curves. Every metric carries a 95 %
+bootstrap interval, and each model is compared with the earlier ones by a paired bootstrap on the same
+prompts (:func:`pipeline.evaluation.bootstrap_metrics`; docs/evaluation.md).
 
 The reference of each stage is the model it started from: the base model for ``sft``, the SFT model for
 ``dpo`` (in both ``dpo.start`` modes: the merged SFT weights, or TRL's frozen copy of the SFT adapter).
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import json
-from pathlib import Path
 from typing import Any
 
 from datasets import load_from_disk
@@ -22,15 +23,23 @@ from datasets import load_from_disk
 from pipeline.artifacts import atomic_write_json, atomic_write_text
 from pipeline.data.formats import load_preference_examples
 from pipeline.errors import PipelineError
+from pipeline.eval_report import render_report
 from pipeline.evaluation import (
+    bootstrap_metrics,
     generate_for_prompts,
-    heldout_loss,
+    heldout_scores,
+    interval_summary,
     load_prompts,
+    loss_items,
+    mean_nll,
+    pair_items,
     pair_logps,
     plot_loss_curves,
     plot_model_comparison,
     plot_per_type,
     preference_accuracy,
+    prompt_clusters,
+    prompt_items,
     score_generations,
 )
 from pipeline.inference import load
@@ -52,13 +61,15 @@ def _load_for(ctx: StageContext, name: str) -> tuple[Any, Any]:
 
 
 def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversations: list, pairs: list,
-                    logps: dict[str, list], needed: set[str]) -> dict:
-    """Metrics of one model; fills ``logps[name]`` (its pair log-probs) when a stage needs them."""
+                    logps: dict[str, list], needed: set[str], losses: dict[str, list]) -> dict:
+    """Metrics of one model; fills ``logps[name]`` (its pair log-probs) when a stage needs them, and
+    ``losses[name]`` (per-answer held-out log-probs, for the loss's interval)."""
     cfg = ctx.recipe.eval
     model, tokenizer = _load_for(ctx, name)
     metrics: dict[str, Any] = {}
     if conversations:
-        metrics["heldout_loss"] = heldout_loss(model, tokenizer, conversations, desc=f"{name} held-out loss")
+        losses[name] = heldout_scores(model, tokenizer, conversations, desc=f"{name} held-out loss")
+        metrics["heldout_loss"] = mean_nll(losses[name])
     if pairs and name in needed:
         logps[name] = pair_logps(model, tokenizer, pairs, desc=f"{name} preference pairs")
     if pairs and name in REFERENCE:
@@ -88,31 +99,28 @@ def _held_out(ctx: StageContext, split: str) -> list[dict]:
     return list(rows.select(range(min(MAX_HELDOUT_ROWS, len(rows)))))
 
 
-def _report(metrics: dict[str, dict], prompts: list[dict], stage_dir: Path, samples: int) -> str:
+def _add_intervals(ctx: StageContext, metrics: dict[str, dict], prompts: list[dict], pairs: list,
+                   logps: dict[str, list], losses: dict[str, list]) -> None:
+    """Add 95 % bootstrap intervals and paired model-to-model differences to ``metrics`` (docs/evaluation.md)."""
     names = list(metrics)
-    keys = ["format_compliance", "prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
-            "instruction_level_loose", "implicit_reward_acc", "likelihood_acc", "heldout_loss", "mean_new_tokens"]
-    lines = ["# Evaluation: base → SFT → DPO", "", f"{len(prompts)} held-out prompts, greedy decoding.", "",
-             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key in keys:
-        lines.append(f"| {key} | " + " | ".join(str(metrics[n].get(key, "–")) for n in names) + " |")
-    lines += ["", "![model comparison](comparison.png)", "", "![per constraint type](per_type.png)", "",
-              "![training loss](loss_curves.png)", "", "## Strict accuracy per constraint type", "",
-              "| constraint | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    types = sorted({t for m in metrics.values() for t in m.get("per_type_strict", {})})
-    for t in types:
-        lines.append(f"| {t} | " + " | ".join(str(metrics[n]["per_type_strict"].get(t, "–")) for n in names) + " |")
-    lines += ["", "## Sample generations", ""]
-    generations = {n: [json.loads(x) for x in (stage_dir / f"generations_{n}.jsonl").read_text().splitlines()]
-                   for n in names}
-    step = max(len(prompts) // max(samples, 1), 1)
-    for i in range(0, min(len(prompts), step * samples), step):
-        lines += [f"### Prompt {i + 1}", "", "> " + prompts[i]["prompt"].replace("\n", "\n> "), ""]
-        for n in names:
-            out = generations[n][i]
-            flag = "" if out["stopped"] else " *(did not stop)*"
-            lines += [f"**{n}**{flag}:", "", "```text", out["text"][:1200], "```", ""]
-    return "\n".join(lines) + "\n"
+    outputs = {n: [json.loads(x) for x in (ctx.stage_dir / f"generations_{n}.jsonl").read_text().splitlines()]
+               for n in names}
+    groups = [(prompt_clusters(prompts), {n: prompt_items(prompts, outputs[n]) for n in names})]
+    scored = [n for n in names if n in REFERENCE and n in logps and REFERENCE[n] in logps]
+    if pairs and scored:
+        groups.append((list(range(len(pairs))), {n: pair_items(logps[n], logps[REFERENCE[n]]) for n in scored}))
+    if losses:
+        groups.append((list(range(len(next(iter(losses.values()))))), {n: loss_items(v) for n, v in losses.items()}))
+    intervals, differences = bootstrap_metrics(groups, names)
+    sizes: dict[str, int] = {}
+    for row in prompts:
+        if row.get("split"):
+            sizes[row["split"]] = sizes.get(row["split"], 0) + 1
+    for name in names:
+        metrics[name].update(interval_summary(intervals[name], {a: d for (a, b), d in differences.items()
+                                                                if b == name}))
+        for split, size in sizes.items():
+            metrics[name].setdefault("by_split", {}).setdefault(split, {})["prompts"] = size
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -136,7 +144,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     names = [n for n in ("base", "sft", "dpo") if n in cfg["models"] and (n == "base" or n in ctx.upstream)]
     needed = {n for n in names if n in REFERENCE} | {REFERENCE[n] for n in names if n in REFERENCE}
     logps: dict[str, list] = {}
-    metrics = {name: _evaluate_model(ctx, name, prompts, conversations, pairs, logps, needed) for name in names}
+    losses: dict[str, list] = {}
+    metrics = {name: _evaluate_model(ctx, name, prompts, conversations, pairs, logps, needed, losses)
+               for name in names}
+    _add_intervals(ctx, metrics, prompts, pairs, logps, losses)
 
     histories = {}
     for stage in ("sft", "dpo"):
@@ -147,6 +158,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     plot_model_comparison(metrics, ctx.stage_dir / "comparison.png")
     plot_per_type(metrics, ctx.stage_dir / "per_type.png")
     atomic_write_json(ctx.stage_dir / "metrics.json", metrics)
-    atomic_write_text(ctx.stage_dir / "report.md", _report(metrics, prompts, ctx.stage_dir, cfg["num_samples"]))
+    atomic_write_text(ctx.stage_dir / "report.md", render_report(metrics, prompts, ctx.stage_dir, cfg["num_samples"]))
     print(f"  report: {ctx.stage_dir / 'report.md'}", flush=True)
-    return {name: {k: v for k, v in m.items() if k != "per_type_strict"} for name, m in metrics.items()}
+    nested = ("per_type_strict", "ci95", "by_split", "vs")  # metrics.json has them; the manifest keeps the headline
+    return {name: {k: v for k, v in m.items() if k not in nested} for name, m in metrics.items()}
