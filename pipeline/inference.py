@@ -24,19 +24,25 @@ from pipeline.data.formats import neutralise_control_tokens
 from pipeline.errors import PipelineError
 from pipeline.models import configure_generation, control_tokens, load_base_model
 
-# verify=None hashes the stage's own files when they total at most this much. sha256 runs at ~460 MB/s on
-# the 2-core AMD EPYC (Zen 3) this was measured on, so 256 MiB take ~0.6 s: under a second, with room for
-# reading them from disk. The quickstart's adapter stages hold ~50 MB (a 15 MB adapter, a 33 MB tokenizer).
+# load(verify=None) hashes at most this many bytes. sha256 ran at ~460 MB/s on the 2-core AMD EPYC (Zen 3)
+# this was measured on, so 256 MiB take ~0.6 s: under a second, with room for reading them from disk. The
+# quickstart's sft stage holds ~50 MB (a 15 MB adapter, a 33 MB tokenizer): hashed; its dpo stage adds the
+# ~1 GB merged SFT model (fp32): size-checked only, unless verify=True.
 HASH_BUDGET_BYTES = 256 << 20
 MERGED_BASE = "sft_merged"  # the merged SFT model a dpo stage (start: merge) trained on; ~1 GB in fp32
 
 
 def _files_to_hash(manifest: dict[str, Any], verify: bool | None) -> list[str] | bool:
-    """Which recorded files ``load`` hashes: all (True), none (False), or the adapter's if that is cheap."""
+    """Which recorded files ``load`` hashes: ``verify`` True/False: all/none; None: as many as are cheap.
+
+    Cheap: all of them if they fit ``HASH_BUDGET_BYTES``, else the stage's own files without the merged SFT
+    model if those fit, else none (sizes are checked in any case).
+    """
     if verify is not None:
         return verify
-    own = {rel: f["size"] for rel, f in manifest.get(FILES, {}).items() if not rel.startswith(f"{MERGED_BASE}/")}
-    return list(own) if sum(own.values()) <= HASH_BUDGET_BYTES else []
+    files = {rel: f["size"] for rel, f in manifest.get(FILES, {}).items()}
+    own = {rel: size for rel, size in files.items() if not rel.startswith(f"{MERGED_BASE}/")}
+    return next((list(group) for group in (files, own) if sum(group.values()) <= HASH_BUDGET_BYTES), [])
 
 
 def _model_cfg(stage_dir: Path, manifest: dict[str, Any], dtype: str | None, device: str | None) -> dict[str, Any]:
@@ -57,8 +63,9 @@ def load(stage_dir: str | Path, *, merge: bool = False, dtype: str | None = None
     ``merge=True`` folds the adapter into the weights (faster generation; the result is no PeftModel).
     The sizes of all the stage's files are checked against its manifest. ``verify`` decides which hashes
     are too: ``True`` all (the merged SFT model of a dpo stage included), ``False`` none, ``None`` (default)
-    the stage's own files except the merged model when they total at most ``HASH_BUDGET_BYTES`` (256 MiB,
-    under a second). A mismatch raises a :class:`PipelineError` naming the file and the stage to re-run.
+    what takes under a second: every file if they total at most ``HASH_BUDGET_BYTES`` (256 MiB), else the
+    adapter's files without the merged model, if those fit. A mismatch raises a :class:`PipelineError`
+    naming the file and the stage to re-run.
     """
     from peft import PeftModel
     from transformers import AutoTokenizer
