@@ -192,39 +192,38 @@ def file_size_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def write_failure(exc: BaseException) -> str | None:
-    """Why ``exc`` is a write that failed for lack of room (full disk, quota, file-size limit), else None."""
+def write_failure(exc: BaseException | None) -> int | None:
+    """The errno (ENOSPC, EDQUOT, EFBIG) if ``exc`` is a write that failed for lack of room, else None."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
-            return _NO_ROOM[exc.errno]
+            return exc.errno
         text = str(exc)
         for marker, code in _NO_ROOM_TEXT.items():
             if marker in text:
-                return _NO_ROOM[code]
+                return code
         if any(marker in text for marker in _NATIVE_WRITE_FAILED):  # no errno given: say which limit applies
-            return _NO_ROOM[errno.EFBIG] if file_size_limit() is not None else _NO_ROOM[errno.ENOSPC]
+            return errno.EFBIG if file_size_limit() is not None else errno.ENOSPC
         exc = exc.__cause__ or exc.__context__
     return None
 
 
 def human_size(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+    """``n`` bytes for people: 512 bytes, 48.8 KiB, 1.2 GiB."""
+    if n < 1024:
+        return f"{n:.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
-    raise AssertionError
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
-def room_left(path: Path) -> str:
-    """Free space on ``path``'s file system and the file-size limit, for an error message."""
+def _free_space(path: Path) -> str:
     while not path.exists() and path != path.parent:
         path = path.parent
-    parts = [f"{human_size(shutil.disk_usage(path).free)} free on the file system of {path}"]
-    if (limit := file_size_limit()) is not None:
-        parts.append(f"file-size limit (ulimit -f) {human_size(limit)}")
-    return ", ".join(parts)
+    return f"{human_size(shutil.disk_usage(path).free)} free on the file system of {path}"
 
 
 @contextlib.contextmanager
@@ -240,14 +239,20 @@ def explain_write_failures(stage: str, target: Path, *, what: str, needed: str =
     except PipelineError:
         raise
     except Exception as exc:
-        reason = write_failure(exc)
-        if reason is None:
+        code = write_failure(exc)
+        if code is None:
             raise
+        if code == errno.EFBIG and (limit := file_size_limit()) is not None:
+            where, fix = f"ulimit -f is {human_size(limit)}", "Raise the limit (ulimit -f unlimited)"
+        elif code == errno.EFBIG:  # no ulimit: the file system's own maximum file size (FAT32: 4 GiB)
+            where, fix = "the file system's largest file size", "Use another file system for output_dir"
+        else:
+            where, fix = _free_space(target), "Free space there"
         need = f" It needs {needed}." if needed else ""
         kept = kept or "Finished stages are kept; the re-run skips them."
         raise PipelineError(
-            f"Stage '{stage}' could not write {what} to {target}: {reason} ({room_left(target)}).{need} {kept} "
-            "Free space (or raise the limit: ulimit -f unlimited), then re-run the same command."
+            f"Stage '{stage}' could not write {what} to {target}: {_NO_ROOM[code]} ({where}).{need} {kept} "
+            f"{fix}, then re-run the same command."
         ) from exc
 
 
