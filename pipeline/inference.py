@@ -24,8 +24,8 @@ from pipeline.data.formats import neutralise_control_tokens
 from pipeline.errors import PipelineError
 from pipeline.models import configure_generation, control_tokens, load_base_model
 
-# load(verify=None) hashes at most this many bytes. sha256 ran at ~460 MB/s on the 2-core AMD EPYC (Zen 3)
-# this was measured on, so 256 MiB take ~0.6 s: under a second, with room for reading them from disk. The
+# load(verify=None) hashes at most this many bytes. Hashing a file held in the page cache ran at ~370 MB/s on
+# the 2-core AMD EPYC (Zen 3) this was measured on, busy with other work: 256 MiB in ~0.7 s, under a second. The
 # quickstart's sft stage holds ~50 MB (a 15 MB adapter, a 33 MB tokenizer): hashed; its dpo stage adds the
 # ~1 GB merged SFT model (fp32): size-checked only, unless verify=True.
 HASH_BUDGET_BYTES = 256 << 20

@@ -135,6 +135,18 @@ def test_altered_file_of_the_same_size_is_caught_by_verify(run_copy, stage, rel)
         _run(run_copy, verify=True)
 
 
+def test_run_recipe_verify_flag_catches_what_sizes_cannot_and_exits_2(run_copy, capsys, monkeypatch):
+    from pipeline.cli import main_run_recipe
+
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")  # what the CLI sets; restored after the test
+    what = _damage(_out(run_copy) / "eval" / "report.md", "alter")
+    assert main_run_recipe([str(run_copy)]) == 0  # same size: the cheap check on skipping cannot see it
+    assert main_run_recipe([str(run_copy), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert re.search("error: " + _changed("eval", "report.md", what, run_copy), err), err
+    assert "Traceback" not in err
+
+
 def test_altered_upstream_is_caught_before_a_stage_consumes_it(run_copy):
     # The SFT adapter, same size, other bytes; dpo re-runs and is about to merge it. Without --verify the
     # sizes match, so only the hash check of what a running stage consumes can catch this.

@@ -114,7 +114,8 @@ def _checkpoint_sizes(trainer: Any, checkpoint: str | None) -> tuple[int, int, i
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     adapter = sum(p.numel() * p.element_size() for p in trainable)
     moments = 2 * 4 * sum(p.numel() for p in trainable)
-    return adapter + moments, max(adapter, moments), adapter, "estimated from the trainable parameters"
+    return (adapter + moments, max(adapter, moments), adapter,
+            "estimated from the trainable parameters: adapter and optimizer state, the tokenizer comes on top")
 
 
 def train_with_resume(trainer: Any, stage_dir: Path) -> tuple[dict[str, Any], int]:
@@ -152,8 +153,8 @@ def _explain_failed_checkpoint(exc: Exception, trainer: Any, stage_dir: Path) ->
             "the stage from step 0.")
     with explain_write_failures(stage_dir.name, stage_dir / CHECKPOINTS,
                                 what=f"a checkpoint ({', '.join(failed) or 'the next one'})",
-                                needed=f"about {human_size(total)} per checkpoint, its largest file "
-                                       f"{human_size(largest)} ({how})",
+                                needed=f"{'about' if newest else 'at least'} {human_size(total)} per checkpoint, "
+                                       f"its largest file {human_size(largest)} ({how})",
                                 kept=f"{kept} Earlier stages are untouched."):
         raise exc
 
