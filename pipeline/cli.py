@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     if not args.debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    outcomes = run_recipe(recipe, stage=args.stage, from_stage=args.from_stage, force=args.force)
+    outcomes = run_recipe(recipe, stage=args.stage, from_stage=args.from_stage, force=args.force, verify=args.verify)
     done = ", ".join(f"{o.stage}: {o.action}" for o in outcomes)
     print(f"finished {recipe.name} in {recipe.output_dir} ({done})")
     return 0
@@ -55,6 +55,8 @@ def main_run_recipe(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", help="run (or resume) only this stage")
     parser.add_argument("--from", dest="from_stage", help="re-run this stage and every stage after it")
     parser.add_argument("--force", action="store_true", help="re-run selected stages even if up to date")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the sha256 of every file of the stages skipped as up to date (default: sizes)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe value (repeatable), e.g. --set sft.learning_rate=1e-4")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")

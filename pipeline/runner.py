@@ -6,7 +6,9 @@ Rules (README "Stages and resuming"):
   fingerprint includes what it uses of its upstreams', everything after it that uses what changed
   re-runs too (new preference data re-runs prepare and dpo, not sft);
 - a stage directory without a manifest but with Trainer checkpoints from the same fingerprint resumes;
-- ``--stage S`` runs only S, ``--from S`` re-runs S and everything after it, ``--force`` re-runs.
+- ``--stage S`` runs only S, ``--from S`` re-runs S and everything after it, ``--force`` re-runs;
+- a skipped stage's files must still match the sizes its manifest recorded (``--verify``: the hashes too),
+  and the upstream stages a running stage consumes must match their hashes: a mismatch stops the run.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import (
+    FILES,
     IN_PROGRESS,
     atomic_write_json,
+    explain_write_failures,
     file_sha256,
     fingerprint,
     invalidate,
     read_manifest,
     run_lock,
+    verify_stage,
     write_manifest,
 )
 from pipeline.config import STAGES, Recipe
@@ -144,14 +149,18 @@ def _check_eval_files(cfg: dict[str, Any]) -> None:
 
 
 def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None = None,
-               force: bool = False, log: Callable[[str], None] = print) -> list[StageOutcome]:
-    """Run the selected stages of a recipe in order; returns what happened to each."""
+               force: bool = False, log: Callable[[str], None] = print, verify: bool = False) -> list[StageOutcome]:
+    """Run the selected stages of a recipe in order; returns what happened to each.
+
+    ``verify``: also compare the hashes (not only the sizes) of the stages skipped as up to date.
+    """
     selected = select_stages(recipe, stage, from_stage)
     enabled = recipe.enabled_stages()
     if "eval" in selected and recipe.eval:
         _check_eval_files(recipe.eval)
     outcomes: list[StageOutcome] = []
     fingerprints: dict[str, str] = {}
+    hashed: set[str] = set()  # stages whose files were hashed in this run (checked, or written by it)
     with run_lock(recipe.output_dir):
         for name in enabled:
             upstream_names = [u for u in UPSTREAM[name] if u in enabled]
@@ -177,11 +186,19 @@ def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None 
             existing = read_manifest(stage_dir)
             forced = force or (from_stage is not None)
             if existing is not None and existing.get("fingerprint") == fp and not forced:
-                log(f"[{name}] skipped: up to date (fingerprint {fp}); use --force to re-run")
+                verify_stage(stage_dir, existing, hashed=verify, recipe=recipe.source)
+                if verify:
+                    hashed.add(name)
+                legacy = "" if FILES in existing else " (manifest without file sizes: main files checked)"
+                log(f"[{name}] skipped: up to date (fingerprint {fp}){legacy}; use --force to re-run")
                 clear_checkpoints(stage_dir)  # left behind if a run died right after writing the manifest
                 outcomes.append(StageOutcome(name, "skipped", fp, metrics=existing.get("metrics", {})))
                 continue
+            for up in [u for u in upstream if u not in hashed]:  # what it is about to read is what was recorded
+                verify_stage(recipe.stage_dir(up), upstream[up], hashed=True, recipe=recipe.source)
+                hashed.add(up)
             outcomes.append(_run_one(recipe, name, stage_dir, fp, inputs, config, upstream, existing, forced, log))
+            hashed.add(name)
     return outcomes
 
 
@@ -211,11 +228,13 @@ def _run_one(recipe: Recipe, name: str, stage_dir: Path, fp: str, inputs: dict[s
     log(f"[{name}] running (fingerprint {fp})")
     ctx = StageContext(recipe=recipe, stage=name, stage_dir=stage_dir, upstream=upstream)
     start = time.time()
-    metrics = _stage_runner(name)(ctx)
-    wall = time.time() - start
-    extra = {**ctx.extra, **({"parts": parts} if parts else {})}
-    write_manifest(stage_dir, stage=name, fingerprint_=fp, inputs=inputs, config=config, metrics=metrics,
-                   wall_time_s=wall, extra=extra)
+    with explain_write_failures(name, stage_dir, what="its outputs"):  # the stages' own messages say more
+        metrics = _stage_runner(name)(ctx)
+        wall = time.time() - start
+        recorded = {"recipe": str(recipe.source) if recipe.source else None}  # for the re-run hint of load()
+        extra = {**ctx.extra, **recorded, **({"parts": parts} if parts else {})}
+        write_manifest(stage_dir, stage=name, fingerprint_=fp, inputs=inputs, config=config, metrics=metrics,
+                       wall_time_s=wall, extra=extra)
     clear_checkpoints(stage_dir)  # the finished stage no longer needs them; the manifest is written
     resumed = ctx.extra.get("resumed_from_step", 0)
     log(f"[{name}] done in {wall:.1f}s" + (f" (resumed from step {resumed})" if resumed else ""))

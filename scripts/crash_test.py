@@ -16,9 +16,10 @@ Trial ``i`` targets phase ``i mod 5`` and is killed a uniform random delay (seed
 enters that phase (its "[stage] running" line, or its first logged training step), the delay spanning
 the phase's length in the reference run. So every stage gets kills, from its first moment to its last
 (including writing the manifest). A re-run is killed again with probability ``--rekill`` (at most 3 kills
-per trial), which tests resuming a resumed run. The last line is
+per trial), which tests resuming a resumed run. Each completed trial's stages are also checked against
+their manifests (every file's size and sha256, as ``run_recipe.py --verify`` does). The last line is
 ``trials=N resumed=R mismatches=M max_abs_diff=X``; the exit status is 1 when a trial's weights differ by
-more than ``--tolerance`` or a trial did not complete.
+more than ``--tolerance``, a trial did not complete, or its files do not match its manifests.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's pipeline package (the integrity check), as run_recipe.py does
 RUN_RECIPE = ROOT / "scripts" / "run_recipe.py"
 STAGES = ("prepare", "sft", "dpo")
 # Weight files compared with the reference: both adapters and the merged SFT model DPO starts from.
@@ -246,6 +248,7 @@ class TrialResult:
     manifest_resumed: dict[str, int]
     leftovers: list[str]
     seconds: float
+    integrity: str = ""  # why the finished stages' files do not match their manifests, if they do not
 
     @property
     def max_diff(self) -> float:
@@ -263,6 +266,22 @@ def _manifest_resumes(output_dir: Path) -> dict[str, int]:
             if step:
                 found[stage] = step
     return found
+
+
+def integrity_problem(output_dir: Path) -> str:
+    """The first stage whose files differ from what its manifest recorded (sizes and hashes), or ''."""
+    from pipeline.artifacts import read_manifest, verify_stage
+    from pipeline.errors import PipelineError
+
+    for stage in STAGES:
+        manifest = read_manifest(output_dir / stage)
+        if manifest is None:
+            return f"{stage}: no manifest"
+        try:
+            verify_stage(output_dir / stage, manifest, hashed=True)
+        except PipelineError as exc:
+            return str(exc)
+    return ""
 
 
 def run_trial(index: int, work: Path, windows: list[Window], args: argparse.Namespace, extra: list[str],
@@ -306,7 +325,7 @@ def run_trial(index: int, work: Path, windows: list[Window], args: argparse.Name
         diffs = {name: max_abs_diff(reference / name, output_dir / name) for name in COMPARED}
     return TrialResult(index, completed, bool(what_resumed), kills, attempt + 1, diffs, what_resumed,
                        _manifest_resumes(output_dir), leftovers(output_dir) if completed else [],
-                       time.monotonic() - started)
+                       time.monotonic() - started, integrity_problem(output_dir) if completed else "")
 
 
 def _format(trial: TrialResult) -> str:
@@ -316,9 +335,10 @@ def _format(trial: TrialResult) -> str:
     resumed = ", ".join(trial.what_resumed) or "nothing (started from zero)"
     extra = f" manifest resumed_from_step={trial.manifest_resumed}" if trial.manifest_resumed else ""
     left = f" leftovers={trial.leftovers}" if trial.leftovers else ""
+    integrity = f" INTEGRITY: {trial.integrity}" if trial.integrity else ""
     return (f"trial {trial.index:02d}: kills=[{'; '.join(trial.kills) or 'none (run finished first)'}] "
             f"runs={trial.runs} reused: {resumed};{extra} {status} max_abs_diff {diffs} "
-            f"({trial.seconds:.0f}s){left}")
+            f"({trial.seconds:.0f}s){left}{integrity}")
 
 
 def reference_run(work: Path, args: argparse.Namespace, extra: list[str]) -> tuple[Path, RunResult]:
@@ -405,13 +425,15 @@ def main(argv: list[str] | None = None) -> int:
                 phase = kill.split(": in ", 1)[1].split(" (")[0]
                 by_phase[phase] = by_phase.get(phase, 0) + 1
         incomplete = sum(not t.completed for t in trials)
+        unverified = sum(bool(t.integrity) for t in trials)
         mismatches = sum(t.completed and t.max_diff > args.tolerance for t in trials)
         worst = max((t.max_diff for t in trials if t.completed), default=0.0)
         print(f"kills by phase: {dict(sorted(by_phase.items()))}; incomplete trials: {incomplete}; "
-              f"dtype={args.dtype}; wall {time.monotonic() - began:.0f}s")
+              f"files not matching their manifests: {unverified}; dtype={args.dtype}; "
+              f"wall {time.monotonic() - began:.0f}s")
         print(f"trials={len(trials)} resumed={sum(t.resumed for t in trials)} mismatches={mismatches} "
               f"max_abs_diff={worst:.3g}", flush=True)
-        return 1 if mismatches or incomplete else 0
+        return 1 if mismatches or incomplete or unverified else 0
     finally:
         if not args.keep and args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

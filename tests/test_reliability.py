@@ -1,5 +1,5 @@
-"""Reliability and security across the pipeline: kills, locks, NaN losses, half-written files, no network,
-no control-token injection, no pickles, no remote code.
+"""Reliability and security across the pipeline: kills, locks, NaN losses, half-written files, a full disk,
+no network, no control-token injection, no pickles, no remote code.
 
 Where it sits: end-to-end checks of the stage contract (``pipeline.artifacts``, ``pipeline.runner``), the
 training stages' resume and NaN guard (``pipeline.stages.training``), data preparation and inference.
@@ -9,10 +9,12 @@ training stages' resume and NaN guard (``pipeline.stages.training``), data prepa
 from __future__ import annotations
 
 import copy
+import errno
 import importlib.util
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -25,7 +27,7 @@ import yaml
 from conftest import tiny_pref_rows, tiny_sft_rows, write_jsonl
 from safetensors.torch import load_file
 
-from pipeline.artifacts import LOCK, read_manifest, run_lock
+from pipeline.artifacts import LOCK, read_manifest, run_lock, verify_stage, write_failure
 from pipeline.config import MODEL_DEFAULTS, apply_overrides, validate_recipe
 from pipeline.errors import PipelineError
 from pipeline.runner import run_recipe
@@ -176,6 +178,100 @@ def test_truncated_manifest_counts_as_incomplete_and_the_stage_reruns(tiny_recip
         _run(tiny_recipe, stage="sft")
     assert _run(tiny_recipe, stage="prepare") == {"prepare": "ran"}
     assert json.loads(manifest.read_text())["status"] == "complete"
+
+
+# ------------------------------------------------------------------------------------------ full disk
+# The stage runs as `scripts/run_recipe.py` under a file-size limit (RLIMIT_FSIZE): the kernel refuses writes
+# past it (EFBIG) as a full disk refuses them (ENOSPC), with no root and no special file system. A limit set
+# at start fails every checkpoint alike (each writes the same files), so to let some checkpoints through and
+# fail a later one the wrapper lowers the limit when the Trainer creates that checkpoint's directory (an audit
+# hook sees the os.mkdir): the moment a filling disk would run out.
+_LIMIT_FROM = """
+import resource, runpy, sys
+limit, directory, script, *argv = sys.argv[1:]
+def hook(event, args):
+    if event == "os.mkdir" and str(args[0]).endswith(directory):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.addaudithook(hook)
+sys.argv = [script, *argv]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def _run_cli(tmp_path: Path, raw: dict, *args: str, limit_from: tuple[int, str] | None = None,
+             limit: int | None = None) -> subprocess.CompletedProcess:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    script = [str(ROOT / "scripts" / "run_recipe.py"), str(recipe), *args]
+    if limit_from:
+        (tmp_path / "limit_from.py").write_text(_LIMIT_FROM)
+        script = [str(tmp_path / "limit_from.py"), str(limit_from[0]), limit_from[1], *script]
+
+    def set_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, *script], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=set_limit if limit else None)
+
+
+def test_full_disk_fails_with_the_size_needed_keeps_checkpoints_and_resumes_to_the_same_adapter(tiny_recipe,
+                                                                                                tmp_path):
+    max_abs_diff = _load_script("crash_test").max_abs_diff
+    raw = apply_overrides(tiny_recipe, ["sft.max_steps=8"])
+    reference = copy.deepcopy(raw)
+    reference["output_dir"] = str(tmp_path / "reference")
+    _run(reference, stage="prepare")
+    assert _run(reference, stage="sft") == {"sft": "ran"}  # uninterrupted
+    _run(raw, stage="prepare")
+    out = Path(raw["output_dir"])
+    prepare_manifest = read_manifest(out / "prepare")
+
+    # 16 KiB from the start (the issue's case): the first checkpoint's adapter (20 KB) does not fit.
+    first = _run_cli(tmp_path, raw, "--stage", "sft", limit=16 << 10)
+    assert first.returncode == 2, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr
+    assert re.search(r"error: Stage 'sft' could not write a checkpoint \(checkpoint-2\) to \S+/sft/checkpoints: a file "
+                     r"would exceed the file-size limit \(ulimit -f is 16\.0 KiB\)\. It needs at least [\d.]+ KiB per "
+                     r"checkpoint, its largest file [\d.]+ KiB \(estimated from the trainable parameters.*\)\. No "
+                     r"checkpoint was complete yet.*Raise the limit \(ulimit -f unlimited\), then re-run the same "
+                     r"command\.", first.stderr), first.stderr[-2000:]
+
+    # Room for checkpoints 2 and 4; checkpoint-6 runs out.
+    second = _run_cli(tmp_path, raw, "--stage", "sft", limit_from=(1024, "checkpoint-6"))
+    assert second.returncode == 2, second.stderr[-3000:]
+    needed = re.search(r"could not write a checkpoint \(checkpoint-6\).*It needs about ([\d.]+) KiB per checkpoint, "
+                       r"its largest file [\d.]+ KiB \(as measured on checkpoint-4\)\. The newest complete checkpoint, "
+                       r"checkpoint-4, is kept: the re-run resumes from step 4\. Earlier stages are untouched\.",
+                       second.stderr)
+    assert needed, second.stderr[-2000:]
+    checkpoints = out / "sft" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    size = sum(p.stat().st_size for p in (checkpoints / "checkpoint-4").rglob("*") if p.is_file())
+    assert float(needed.group(1)) == round(size / 1024, 1)
+    assert read_manifest(out / "sft") is None
+    assert read_manifest(out / "prepare") == prepare_manifest
+    verify_stage(out / "prepare", prepare_manifest, hashed=True)  # every file as recorded
+
+    # Space is back. (In this process, like the reference: a third interpreter start would cost more than the
+    # rest of the test; the resume path is the same.)
+    assert _run(raw, stage="sft") == {"sft": "resumed"}
+    assert read_manifest(out / "sft")["resumed_from_step"] == 4
+    adapter = "sft/adapter_model.safetensors"
+    assert max_abs_diff(Path(reference["output_dir"]) / adapter, out / adapter) == 0.0
+
+
+@pytest.mark.parametrize(("exc", "expected"), [
+    (OSError(errno.ENOSPC, "No space left on device"), errno.ENOSPC),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), errno.EDQUOT),
+    (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), errno.ENOSPC),
+    (RuntimeError("while saving the checkpoint"), None),
+    (OSError(errno.EACCES, "Permission denied"), None),
+])
+def test_write_failures_are_recognised_by_errno_or_by_the_native_libraries_message(exc, expected):
+    assert write_failure(exc) == expected
+    wrapped = RuntimeError("saving failed")
+    wrapped.__cause__ = exc
+    assert write_failure(wrapped) == expected
 
 
 # ------------------------------------------------------------------------------------------ no network

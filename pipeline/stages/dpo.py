@@ -24,7 +24,15 @@ from datasets import Dataset, load_from_disk
 from peft import PeftModel
 from trl import DPOConfig, DPOTrainer
 
-from pipeline.artifacts import atomic_directory, atomic_write_text
+from pipeline.artifacts import (
+    FILES,
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    explain_write_failures,
+    fingerprint,
+    human_size,
+)
 from pipeline.config import DPO_PIPELINE_KEYS
 from pipeline.data.constraints import CONSTRAINTS, evaluate_response
 from pipeline.errors import PipelineError
@@ -48,21 +56,33 @@ from pipeline.stages.training import (
 )
 
 MERGED = "sft_merged"
+MERGED_FROM = "merged_from.json"  # in sft_merged/: which SFT result it was merged from
 ON_POLICY_ANSWERS = "on_policy_answers.jsonl"  # in checkpoints/: a resumed stage does not generate again
 ON_POLICY_MAX_NEW_TOKENS = 200
 ON_POLICY_BATCH = 32
 
 
-def merge_sft_adapter(model_cfg: dict[str, Any], sft_dir: Path, target: Path) -> Path:
-    """Merge the SFT adapter into full-precision base weights (never into 4-bit ones) and save them."""
-    if (target / "config.json").is_file():
-        return target  # written atomically, so present means complete
+def merge_sft_adapter(model_cfg: dict[str, Any], sft_dir: Path, target: Path, sft_manifest: dict[str, Any]) -> Path:
+    """Merge the SFT adapter into full-precision base weights (never into 4-bit ones) and save them.
+
+    A merge already in ``target`` is reused (a resumed stage) only when it was made from this same SFT
+    result: after ``sft`` re-ran, the old merge would silently train DPO on top of the old SFT model.
+    """
+    source = {"sft": fingerprint(sft_manifest["fingerprint"], sft_manifest.get(FILES) or sft_manifest.get("finished_at"))}
+    try:
+        if json.loads((target / MERGED_FROM).read_text(encoding="utf-8")) == source:
+            return target  # written atomically, so present means complete
+    except (OSError, ValueError):
+        pass
     base = load_base_model(model_cfg, quantize=False)
     merged = PeftModel.from_pretrained(base, str(sft_dir)).merge_and_unload()
     tokenizer = load_tokenizer(model_cfg, path=str(sft_dir))
-    with atomic_directory(target) as tmp:
+    weights = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
+    with explain_write_failures("dpo", target, what="the merged SFT model",
+                                needed=f"about {human_size(weights)} (its weights)"), atomic_directory(target) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / MERGED_FROM, source)
     return target
 
 
@@ -129,7 +149,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     mode = recipe.dpo["start"]
     if mode == "merge":
-        base_path = str(merge_sft_adapter(recipe.model, sft_dir, ctx.stage_dir / MERGED).resolve())
+        base_path = str(merge_sft_adapter(recipe.model, sft_dir, ctx.stage_dir / MERGED, ctx.upstream["sft"]).resolve())
         model = load_base_model(recipe.model, path=base_path)
         # No trainable-token embeddings here: SFT trained them and they are merged into the weights; TRL's
         # fused LM head (used by DPOTrainer) cannot run through peft's trainable-token wrapper anyway.

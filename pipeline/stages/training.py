@@ -2,6 +2,9 @@
 
 Each training stage writes TRL checkpoints to ``<stage_dir>/checkpoints/`` while it runs and the final
 adapter, tokenizer (with its chat template) and generation config to ``<stage_dir>/`` when it ends.
+A checkpoint or final save that fails for lack of room (full disk, ``ulimit -f``) stops the stage with a
+message saying how much it needed; the half-written checkpoint is removed and the newest complete one kept,
+so the same command resumes from it once there is room.
 """
 
 from __future__ import annotations
@@ -15,11 +18,18 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from pipeline.artifacts import atomic_write_json
+from pipeline.artifacts import (
+    CHECKPOINTS,
+    atomic_write_json,
+    explain_write_failures,
+    human_size,
+    write_failure,
+)
 from pipeline.errors import PipelineError
 from pipeline.models import configure_generation, precision_args
 
-CHECKPOINTS = "checkpoints"
+# What a checkpoint holds beyond what the final save writes (optimizer, scheduler, RNG and Trainer state).
+_RESUME_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state", "trainer_state.json")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -90,17 +100,63 @@ def check_save_cadence(section: dict[str, Any]) -> None:
         )
 
 
+def _checkpoint_sizes(trainer: Any, checkpoint: str | None) -> tuple[int, int, int, str]:
+    """(whole checkpoint, its largest file, the part the final save also writes) in bytes, and how estimated.
+
+    Measured on the newest complete checkpoint; before the first one, estimated from the trainable
+    parameters: the adapter, plus two fp32 optimizer moments per parameter (AdamW, the Trainer's default).
+    """
+    if checkpoint:
+        files = [p for p in Path(checkpoint).rglob("*") if p.is_file()]
+        sizes = [p.stat().st_size for p in files]
+        final = sum(s for p, s in zip(files, sizes, strict=True) if not p.name.startswith(_RESUME_STATE))
+        return sum(sizes), max(sizes, default=0), final, f"as measured on {Path(checkpoint).name}"
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    adapter = sum(p.numel() * p.element_size() for p in trainable)
+    moments = 2 * 4 * sum(p.numel() for p in trainable)
+    return (adapter + moments, max(adapter, moments), adapter,
+            "estimated from the trainable parameters: adapter and optimizer state, the tokenizer comes on top")
+
+
 def train_with_resume(trainer: Any, stage_dir: Path) -> tuple[dict[str, Any], int]:
     """Train, resuming from the last complete checkpoint; returns (metrics, step resumed from)."""
     checkpoint = latest_complete_checkpoint(stage_dir)
     resumed_from = int(Path(checkpoint).name.split("-")[1]) if checkpoint else 0
     if checkpoint:
         print(f"  resuming from {checkpoint} (step {resumed_from})", flush=True)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except PipelineError:
+        raise
+    except Exception as exc:
+        _explain_failed_checkpoint(exc, trainer, stage_dir)
+        raise
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     return metrics, resumed_from
+
+
+def _explain_failed_checkpoint(exc: Exception, trainer: Any, stage_dir: Path) -> None:
+    """If training stopped because a checkpoint could not be written, raise a PipelineError saying so.
+
+    The half-written checkpoint is removed (it would only take room); the newest complete one is kept.
+    """
+    if write_failure(exc) is None:
+        return
+    written = {p.name for p in (stage_dir / CHECKPOINTS).glob("checkpoint-*")}
+    newest = latest_complete_checkpoint(stage_dir)  # removes the incomplete ones
+    failed = sorted(written - {p.name for p in (stage_dir / CHECKPOINTS).glob("checkpoint-*")})
+    total, largest, _, how = _checkpoint_sizes(trainer, newest)
+    kept = (f"The newest complete checkpoint, {Path(newest).name}, is kept: the re-run resumes from step "
+            f"{Path(newest).name.split('-')[1]}." if newest else "No checkpoint was complete yet: the re-run starts "
+            "the stage from step 0.")
+    with explain_write_failures(stage_dir.name, stage_dir / CHECKPOINTS,
+                                what=f"a checkpoint ({', '.join(failed) or 'the next one'})",
+                                needed=f"{'about' if newest else 'at least'} {human_size(total)} per checkpoint, "
+                                       f"its largest file {human_size(largest)} ({how})",
+                                kept=f"{kept} Earlier stages are untouched."):
+        raise exc
 
 
 def save_stage_model(trainer: Any, tokenizer: Any, stage_dir: Path, base_model_path: str) -> None:
@@ -109,7 +165,14 @@ def save_stage_model(trainer: Any, tokenizer: Any, stage_dir: Path, base_model_p
     configure_generation(model, tokenizer)
     model.peft_config["default"].base_model_name_or_path = str(Path(base_model_path).resolve()) \
         if Path(base_model_path).exists() else base_model_path
-    model.save_pretrained(stage_dir, selected_adapters=["default"], safe_serialization=True)
-    tokenizer.save_pretrained(stage_dir)
-    model.generation_config.save_pretrained(stage_dir)
-    atomic_write_json(stage_dir / "log_history.json", trainer.state.log_history)
+    newest = latest_complete_checkpoint(stage_dir)
+    _, _, needed, how = _checkpoint_sizes(trainer, newest)
+    resume = (f"The final checkpoint, {Path(newest).name}, is kept: the re-run only saves again." if newest
+              else "The re-run trains the stage again.")
+    with explain_write_failures(stage_dir.name, stage_dir, what="the trained adapter",
+                                needed=f"about {human_size(needed)} ({how})",
+                                kept=f"{resume} Earlier stages are untouched."):
+        model.save_pretrained(stage_dir, selected_adapters=["default"], safe_serialization=True)
+        tokenizer.save_pretrained(stage_dir)
+        model.generation_config.save_pretrained(stage_dir)
+        atomic_write_json(stage_dir / "log_history.json", trainer.state.log_history)
