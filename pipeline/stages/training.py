@@ -92,9 +92,10 @@ def check_save_cadence(section: dict[str, Any]) -> None:
 
 def train_with_resume(trainer: Any, stage_dir: Path) -> tuple[dict[str, Any], int]:
     """Train, resuming from the last complete checkpoint; returns (metrics, step resumed from)."""
-    checkpoint = latest_complete_checkpoint(stage_dir)
+    with trainer.accelerator.main_process_first():  # the main process removes a half-written checkpoint first
+        checkpoint = latest_complete_checkpoint(stage_dir)
     resumed_from = int(Path(checkpoint).name.split("-")[1]) if checkpoint else 0
-    if checkpoint:
+    if checkpoint and trainer.accelerator.is_main_process:
         print(f"  resuming from {checkpoint} (step {resumed_from})", flush=True)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(result.metrics)
@@ -104,12 +105,19 @@ def train_with_resume(trainer: Any, stage_dir: Path) -> tuple[dict[str, Any], in
 
 
 def save_stage_model(trainer: Any, tokenizer: Any, stage_dir: Path, base_model_path: str) -> None:
-    """Save the trained adapter (only the 'default' one), tokenizer, generation config and log history."""
-    model = trainer.model
+    """Save the trained adapter (only the 'default' one), tokenizer, generation config and log history.
+
+    Call it in every process: the weights are gathered from all of them (FSDP and ZeRO-3 shard them) and the main
+    process alone writes.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # DeepSpeed: the engine gathers
+    if not trainer.accelerator.is_main_process:
+        return
     configure_generation(model, tokenizer)
     model.peft_config["default"].base_model_name_or_path = str(Path(base_model_path).resolve()) \
         if Path(base_model_path).exists() else base_model_path
-    model.save_pretrained(stage_dir, selected_adapters=["default"], safe_serialization=True)
+    model.save_pretrained(stage_dir, selected_adapters=["default"], state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(stage_dir)
     model.generation_config.save_pretrained(stage_dir)
     atomic_write_json(stage_dir / "log_history.json", trainer.state.log_history)
