@@ -170,10 +170,25 @@ def _check_process_count() -> None:
         raise PipelineError(
             "accelerate was asked for more than one process but started only this one: its plain launcher (used with "
             "--cpu, a MULTI_CPU config, or --num_processes on a machine without GPUs) starts several processes only "
-            "through mpirun. On CPUs use `accelerate launch --config_file recipes/accelerate/cpu.yaml ...` "
-            "(torchrun, gloo); on GPUs use recipes/accelerate/ddp.yaml. For one process run "
-            "`python scripts/run_recipe.py` (or unset MASTER_ADDR and MASTER_PORT)."
+            "through mpirun. Use `accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes N "
+            "scripts/run_recipe.py RECIPE` (torchrun; on CPUs the processes join over gloo). For one process run "
+            "`python scripts/run_recipe.py RECIPE` (or unset MASTER_ADDR and MASTER_PORT)."
         )
+
+
+def _check_sharding_possible(state: Any) -> None:
+    """FSDP and DeepSpeed configs on CPU processes would train as plain DDP: accelerate applies them to GPUs only."""
+    from accelerate.utils import DistributedType
+
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true":
+            raise PipelineError(
+                f"This launch asks for {name}, but its processes run on CPUs, where accelerate does not apply {name} "
+                "(they would train as plain data-parallel copies). Launch on GPUs, or use "
+                "recipes/accelerate/ddp.yaml for CPU processes."
+            )
 
 
 class ProcessRoles:
@@ -194,6 +209,7 @@ class ProcessRoles:
             float(section.get("ddp_timeout") or 0) for section in (recipe.sft, recipe.dpo) if section]
         # cpu= as the Trainer will ask (TrainingArguments.use_cpu): on CPUs the processes then talk over gloo
         self.state = PartialState(cpu=resolve_device(recipe.model) == "cpu", timeout=timedelta(seconds=max(waits)))
+        _check_sharding_possible(self.state)
         self.count = self.state.num_processes
         self.is_main = self.state.is_main_process
         self.alone = False  # set when the other processes have left (only main-process stages remain)
