@@ -198,3 +198,17 @@ def test_launch_that_would_not_do_what_it_asks_is_refused_before_anything_is_wri
     assert message in launched.stderr
     assert "recipes/accelerate/ddp.yaml" in launched.stderr
     assert not Path(raw["output_dir"]).exists()
+
+
+def test_busy_output_dir_stops_every_process_with_the_main_process_error(runs, tmp_path):
+    from pipeline.artifacts import run_lock
+
+    raw = _recipe(runs["root"], "busy", 1, runs["model"], ("sft",))
+    raw["output_dir"] = str(tmp_path / "busy")
+    with run_lock(Path(raw["output_dir"])):  # another run holds the directory
+        launched = _launch(str(_write(raw, tmp_path / "busy.yaml")))
+    assert launched.returncode != 0
+    # the main process found the lock taken and handed its error to the other process, which stopped with it
+    # instead of waiting for a decision (torchrun would only have killed it)
+    assert launched.stderr.count("is in use by another run") == 2
+    assert not (tmp_path / "busy" / "prepare").exists()
