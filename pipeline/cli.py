@@ -37,6 +37,8 @@ def _guarded(main: Callable[[argparse.Namespace], int], args: argparse.Namespace
 
 
 def _run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from pipeline.config import load_recipe
     from pipeline.runner import run_recipe
 
@@ -45,7 +47,8 @@ def _run(args: argparse.Namespace) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     outcomes = run_recipe(recipe, stage=args.stage, from_stage=args.from_stage, force=args.force, verify=args.verify)
     done = ", ".join(f"{o.stage}: {o.action}" for o in outcomes)
-    print(f"finished {recipe.name} in {recipe.output_dir} ({done})")
+    if PartialState().is_main_process:  # under `accelerate launch` the main process reports for all
+        print(f"finished {recipe.name} in {recipe.output_dir} ({done})")
     return 0
 
 

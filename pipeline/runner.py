@@ -9,17 +9,24 @@ Rules (README "Stages and resuming"):
 - ``--stage S`` runs only S, ``--from S`` re-runs S and everything after it, ``--force`` re-runs;
 - a skipped stage's files must still match the sizes its manifest recorded (``--verify``: the hashes too),
   and the upstream stages a running stage consumes must match their hashes: a mismatch stops the run.
+
+Under ``accelerate launch`` (N processes, docs/multi-gpu.md) the main process alone decides, holds the lock,
+marks stages stale, writes manifests and logs; every process follows its decisions. The training stages run in
+every process (the Trainer shares the batches out); ``prepare`` and ``eval`` run on the main process only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
+import os
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.artifacts import (
     FILES,
@@ -44,6 +51,13 @@ UPSTREAM = {"prepare": (), "sft": ("prepare",), "dpo": ("prepare", "sft"), "eval
 # so new preference data leaves a finished SFT alone. eval reads both held-out splits: the whole of prepare.
 PREPARE_PARTS = ("sft", "dpo")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+# Stages every process runs under `accelerate launch` (the Trainer splits each batch between them); the other stages
+# run on the main process alone.
+ALL_PROCESS_STAGES = ("sft", "dpo")
+# How long the other processes wait for the main one (prepare, the SFT merge, on-policy answers, writing outputs);
+# torch's default of 30 minutes is short for a large prepare. A recipe's larger sft/dpo ddp_timeout wins.
+PROCESS_WAIT = timedelta(hours=3)
+_T = TypeVar("_T")
 
 
 def _content_hash(path: str) -> str:
@@ -148,6 +162,94 @@ def _check_eval_files(cfg: dict[str, Any]) -> None:
         load_preference_examples([{"path": cfg["preferences"]}])  # raises when no row is a usable pair
 
 
+def _check_process_count() -> None:
+    """Refuse a launch that asked accelerate for several processes and got one (it would train alone, silently).
+
+    accelerate's plain launcher (used for ``--cpu``, for a MULTI_CPU config, and for ``--num_processes N`` on a machine
+    without GPUs) starts a single process unless mpirun is configured; it still exports MASTER_ADDR/MASTER_PORT,
+    which it only does when more than one process was asked for. A process really started as one of N has a world size.
+    """
+    launched_by_accelerate = "ACCELERATE_USE_CPU" in os.environ and "MASTER_PORT" in os.environ
+    world = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    if launched_by_accelerate and not any(name in os.environ for name in world):
+        raise PipelineError(
+            "accelerate was asked for more than one process but started only this one: its plain launcher (used with "
+            "--cpu, a MULTI_CPU config, or --num_processes on a machine without GPUs) starts several processes only "
+            "through mpirun. Use `accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes N "
+            "scripts/run_recipe.py RECIPE` (torchrun; on CPUs the processes join over gloo). For one process run "
+            "`python scripts/run_recipe.py RECIPE` (or unset MASTER_ADDR and MASTER_PORT)."
+        )
+
+
+def _check_sharding_possible(state: Any) -> None:
+    """FSDP and DeepSpeed configs on CPU processes would train as plain DDP: accelerate applies them to GPUs only."""
+    from accelerate.utils import DistributedType
+
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true":
+            raise PipelineError(
+                f"This launch asks for {name}, but its processes run on CPUs, where accelerate does not apply {name} "
+                "(they would train as plain data-parallel copies). Launch on GPUs, or use "
+                "recipes/accelerate/ddp.yaml for CPU processes."
+            )
+
+
+class ProcessRoles:
+    """Who does what when ``accelerate launch`` starts N processes (N = 1 for a plain ``python`` run).
+
+    The main process decides and writes; :meth:`decide` hands its decision, or its error, to every process, which
+    makes it a barrier too. accelerate's ``PartialState`` is created here, before any model loads, so each process
+    already owns its own GPU (``torch.cuda.current_device``) when ``models.load_base_model`` places the weights.
+    """
+
+    def __init__(self, recipe: Recipe) -> None:
+        from accelerate import PartialState
+
+        from pipeline.models import resolve_device
+
+        _check_process_count()
+        waits = [PROCESS_WAIT.total_seconds()] + [
+            float(section.get("ddp_timeout") or 0) for section in (recipe.sft, recipe.dpo) if section]
+        # cpu= as the Trainer will ask (TrainingArguments.use_cpu): on CPUs the processes then talk over gloo
+        self.state = PartialState(cpu=resolve_device(recipe.model) == "cpu", timeout=timedelta(seconds=max(waits)))
+        _check_sharding_possible(self.state)
+        self.count = self.state.num_processes
+        self.is_main = self.state.is_main_process
+        self.alone = False  # set when the other processes have left (only main-process stages remain)
+
+    @property
+    def shared(self) -> bool:
+        return self.count > 1 and not self.alone
+
+    def decide(self, decision: Callable[[], _T]) -> _T:
+        """Run ``decision`` on the main process only; every process returns its result (or raises its error)."""
+        if not self.shared:
+            return decision()
+        from accelerate.utils import broadcast_object_list
+
+        box: list[Any] = [None]
+        failure: BaseException | None = None
+        if self.is_main:
+            try:
+                box = [("ok", decision())]
+            except BaseException as exc:  # the others must not wait for a decision that never comes
+                failure, box = exc, [("error", str(exc) if isinstance(exc, PipelineError)
+                                      else f"the main process failed: {type(exc).__name__}: {exc}")]
+        broadcast_object_list(box, from_process=0)
+        if failure is not None:
+            raise failure
+        kind, value = box[0]
+        if kind == "error":
+            raise PipelineError(value)
+        return value
+
+    def end(self) -> None:
+        if self.count > 1:
+            self.state.destroy_process_group()
+
+
 def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None = None,
                force: bool = False, log: Callable[[str], None] = print, verify: bool = False) -> list[StageOutcome]:
     """Run the selected stages of a recipe in order; returns what happened to each.
@@ -158,53 +260,90 @@ def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None 
     enabled = recipe.enabled_stages()
     if "eval" in selected and recipe.eval:
         _check_eval_files(recipe.eval)
+    roles = ProcessRoles(recipe)
+    if not roles.is_main:
+        log = _quiet  # the main process speaks for all
     outcomes: list[StageOutcome] = []
-    fingerprints: dict[str, str] = {}
     hashed: set[str] = set()  # stages whose files were hashed in this run (checked, or written by it)
-    with run_lock(recipe.output_dir):
+    with contextlib.ExitStack() as held:
+        roles.decide(lambda: held.enter_context(run_lock(recipe.output_dir)))  # a busy directory stops all
         for name in enabled:
-            upstream_names = [u for u in UPSTREAM[name] if u in enabled]
-            if name not in selected:
-                manifest = read_manifest(recipe.stage_dir(name))
-                if manifest is not None:
-                    fingerprints[name] = manifest["fingerprint"]
+            later = [s for s in selected if STAGES.index(s) >= STAGES.index(name)]
+            if roles.shared and not any(s in ALL_PROCESS_STAGES for s in later):
+                # Only main-process stages remain (eval): the others leave now instead of waiting, maybe for
+                # longer than a collective's timeout, for work they take no part in.
+                if not roles.is_main:
+                    break
+                roles.alone = True
+            plan = roles.decide(lambda name=name: _plan_stage(recipe, name, selected, force, from_stage, log,
+                                                              verify, hashed))
+            if isinstance(plan, StageOutcome) or plan is None:
+                outcomes += [plan] if plan else []
                 continue
-            upstream: dict[str, dict[str, Any]] = {}
-            for up in upstream_names:
-                manifest = read_manifest(recipe.stage_dir(up))
-                if manifest is None:
-                    raise PipelineError(
-                        f"Stage '{name}' needs stage '{up}', which has not completed in {recipe.output_dir}. "
-                        f"Run it first: --stage {up} (or run the whole recipe without --stage)."
-                    )
-                upstream[up] = manifest
-            inputs = {up: _input_fingerprint(upstream[up], name) for up in upstream_names}
-            config = stage_config(recipe, name)
-            fp = fingerprint(name, config, inputs)
-            fingerprints[name] = fp
-            stage_dir = recipe.stage_dir(name)
-            existing = read_manifest(stage_dir)
-            forced = force or (from_stage is not None)
-            if existing is not None and existing.get("fingerprint") == fp and not forced:
-                verify_stage(stage_dir, existing, hashed=verify, recipe=recipe.source)
-                if verify:
-                    hashed.add(name)
-                legacy = "" if FILES in existing else " (manifest without file sizes: main files checked)"
-                log(f"[{name}] skipped: up to date (fingerprint {fp}){legacy}; use --force to re-run")
-                clear_checkpoints(stage_dir)  # left behind if a run died right after writing the manifest
-                outcomes.append(StageOutcome(name, "skipped", fp, metrics=existing.get("metrics", {})))
-                continue
-            for up in [u for u in upstream if u not in hashed]:  # what it is about to read is what was recorded
-                verify_stage(recipe.stage_dir(up), upstream[up], hashed=True, recipe=recipe.source)
-                hashed.add(up)
-            outcomes.append(_run_one(recipe, name, stage_dir, fp, inputs, config, upstream, existing, forced, log))
+            outcomes.append(_run_one(recipe, plan, roles, log))
             hashed.add(name)
+    roles.end()
     return outcomes
 
 
-def _run_one(recipe: Recipe, name: str, stage_dir: Path, fp: str, inputs: dict[str, str],
-             config: dict[str, Any], upstream: dict[str, dict[str, Any]], existing: dict[str, Any] | None,
-             forced: bool, log: Callable[[str], None]) -> StageOutcome:
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclasses.dataclass
+class _StagePlan:
+    """The main process's decision to run a stage, shared with every process."""
+    name: str
+    fingerprint: str
+    inputs: dict[str, str]
+    config: dict[str, Any]
+    upstream: dict[str, dict[str, Any]]
+    parts: dict[str, str]
+
+
+def _plan_stage(recipe: Recipe, name: str, selected: list[str], force: bool, from_stage: str | None,
+                log: Callable[[str], None], verify: bool = False,
+                hashed: set[str] | None = None) -> StageOutcome | _StagePlan | None:
+    """Skip ``name`` (an outcome), leave it alone (None), or prepare its directory to run (a plan). Main process.
+
+    A skipped stage's files are checked against its manifest (sizes; hashes with ``verify``), and the upstream
+    stages a running stage reads are hashed first; ``hashed`` collects the stages already hashed in this run.
+    """
+    hashed = set() if hashed is None else hashed
+    if name not in selected:
+        return None
+    upstream: dict[str, dict[str, Any]] = {}
+    for up in (u for u in UPSTREAM[name] if u in recipe.enabled_stages()):
+        manifest = read_manifest(recipe.stage_dir(up))
+        if manifest is None:
+            raise PipelineError(
+                f"Stage '{name}' needs stage '{up}', which has not completed in {recipe.output_dir}. "
+                f"Run it first: --stage {up} (or run the whole recipe without --stage)."
+            )
+        upstream[up] = manifest
+    inputs = {up: _input_fingerprint(manifest, name) for up, manifest in upstream.items()}
+    config = stage_config(recipe, name)
+    fp = fingerprint(name, config, inputs)
+    stage_dir = recipe.stage_dir(name)
+    existing = read_manifest(stage_dir)
+    forced = force or (from_stage is not None)
+    if existing is not None and existing.get("fingerprint") == fp and not forced:
+        verify_stage(stage_dir, existing, hashed=verify, recipe=recipe.source)
+        if verify:
+            hashed.add(name)
+        legacy = "" if FILES in existing else " (manifest without file sizes: main files checked)"
+        log(f"[{name}] skipped: up to date (fingerprint {fp}){legacy}; use --force to re-run")
+        clear_checkpoints(stage_dir)  # left behind if a run died right after writing the manifest
+        return StageOutcome(name, "skipped", fp, metrics=existing.get("metrics", {}))
+    for up in [u for u in upstream if u not in hashed]:  # what it is about to read is what was recorded
+        verify_stage(recipe.stage_dir(up), upstream[up], hashed=True, recipe=recipe.source)
+        hashed.add(up)
+    _start_stage(recipe, name, stage_dir, fp, config, existing, forced, log)
+    return _StagePlan(name, fp, inputs, config, upstream, _parts(name, config))
+
+
+def _start_stage(recipe: Recipe, name: str, stage_dir: Path, fp: str, config: dict[str, Any],
+                 existing: dict[str, Any] | None, forced: bool, log: Callable[[str], None]) -> None:
     resumable = existing is None and not forced and _in_progress_fingerprint(stage_dir) == fp
     if existing is not None:
         why = "forced" if forced else "settings, data or an upstream stage changed"
@@ -226,16 +365,29 @@ def _run_one(recipe: Recipe, name: str, stage_dir: Path, fp: str, inputs: dict[s
     stage_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stage_dir / IN_PROGRESS, {"fingerprint": fp, "started": time.time()})
     log(f"[{name}] running (fingerprint {fp})")
-    ctx = StageContext(recipe=recipe, stage=name, stage_dir=stage_dir, upstream=upstream)
+
+
+def _run_one(recipe: Recipe, plan: _StagePlan, roles: ProcessRoles, log: Callable[[str], None]) -> StageOutcome:
+    name, stage_dir = plan.name, recipe.stage_dir(plan.name)
+    ctx = StageContext(recipe=recipe, stage=name, stage_dir=stage_dir, upstream=plan.upstream)
     start = time.time()
     with explain_write_failures(name, stage_dir, what="its outputs"):  # the stages' own messages say more
-        metrics = _stage_runner(name)(ctx)
-        wall = time.time() - start
-        recorded = {"recipe": str(recipe.source) if recipe.source else None}  # for the re-run hint of load()
-        extra = {**ctx.extra, **recorded, **({"parts": parts} if parts else {})}
-        write_manifest(stage_dir, stage=name, fingerprint_=fp, inputs=inputs, config=config, metrics=metrics,
-                       wall_time_s=wall, extra=extra)
-    clear_checkpoints(stage_dir)  # the finished stage no longer needs them; the manifest is written
-    resumed = ctx.extra.get("resumed_from_step", 0)
-    log(f"[{name}] done in {wall:.1f}s" + (f" (resumed from step {resumed})" if resumed else ""))
-    return StageOutcome(name, "resumed" if resumed else "ran", fp, wall, metrics)
+        if name in ALL_PROCESS_STAGES or not roles.shared:
+            metrics = _stage_runner(name)(ctx)
+        else:  # prepare runs on the main process alone; the others wait for it (and get its error, if any)
+            metrics = roles.decide(lambda: _stage_runner(name)(ctx))
+    wall = time.time() - start
+
+    def finish() -> StageOutcome:  # main process: the manifest, once every process is done with the stage
+        extra = {**ctx.extra, **({"parts": plan.parts} if plan.parts else {}),
+                 "recipe": str(recipe.source) if recipe.source else None,  # for the re-run hint of load()
+                 **({"processes": roles.count} if name in ALL_PROCESS_STAGES else {})}
+        with explain_write_failures(name, stage_dir, what="its manifest"):
+            write_manifest(stage_dir, stage=name, fingerprint_=plan.fingerprint, inputs=plan.inputs,
+                           config=plan.config, metrics=metrics, wall_time_s=wall, extra=extra)
+        clear_checkpoints(stage_dir)  # the finished stage no longer needs them; the manifest is written
+        resumed = ctx.extra.get("resumed_from_step", 0)
+        log(f"[{name}] done in {wall:.1f}s" + (f" (resumed from step {resumed})" if resumed else ""))
+        return StageOutcome(name, "resumed" if resumed else "ran", plan.fingerprint, wall, metrics)
+
+    return roles.decide(finish)

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from datasets import Dataset, load_from_disk
 from peft import PeftModel
 from trl import DPOConfig, DPOTrainer
@@ -148,8 +149,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
                             "'instruction_id_list' and 'kwargs' fields in data.dpo; none has them.")
 
     mode = recipe.dpo["start"]
+    processes = PartialState()  # under `accelerate launch`: the main process merges / generates, the others reuse it
     if mode == "merge":
-        base_path = str(merge_sft_adapter(recipe.model, sft_dir, ctx.stage_dir / MERGED, ctx.upstream["sft"]).resolve())
+        with processes.main_process_first():
+            base_path = str(merge_sft_adapter(recipe.model, sft_dir, ctx.stage_dir / MERGED,
+                                              ctx.upstream["sft"]).resolve())
         model = load_base_model(recipe.model, path=base_path)
         # No trainable-token embeddings here: SFT trained them and they are merged into the weights; TRL's
         # fused LM head (used by DPOTrainer) cannot run through peft's trainable-token wrapper anyway.
@@ -167,8 +171,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     on_policy: dict[str, int] = {}
     if recipe.dpo["on_policy_rejected"]:  # the model as loaded is the SFT policy: it answers before training
-        train, on_policy = with_on_policy_rejected(train, model, tokenizer,
-                                                   ctx.stage_dir / CHECKPOINTS / ON_POLICY_ANSWERS)
+        with processes.main_process_first():  # the others read the answers the main process cached
+            train, on_policy = with_on_policy_rejected(train, model, tokenizer,
+                                                       ctx.stage_dir / CHECKPOINTS / ON_POLICY_ANSWERS)
     train = _without_constraints(train)
     evaluation = _without_constraints(evaluation) if evaluation is not None else None
 

@@ -55,6 +55,10 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
         logps = F.log_softmax(outputs.logits.flatten(0, 1), dim=-1, dtype=torch.float32)
         loss = F.nll_loss(logps, kept.flatten(), ignore_index=-100, reduction="sum")
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else (kept != -100).sum())
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # as Trainer.compute_loss: num_items_in_batch counts every process's tokens and DDP averages the
+            # gradients over the processes, so scale back up (a no-op in one process)
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
 

@@ -120,9 +120,10 @@ def _checkpoint_sizes(trainer: Any, checkpoint: str | None) -> tuple[int, int, i
 
 def train_with_resume(trainer: Any, stage_dir: Path) -> tuple[dict[str, Any], int]:
     """Train, resuming from the last complete checkpoint; returns (metrics, step resumed from)."""
-    checkpoint = latest_complete_checkpoint(stage_dir)
+    with trainer.accelerator.main_process_first():  # the main process removes a half-written checkpoint first
+        checkpoint = latest_complete_checkpoint(stage_dir)
     resumed_from = int(Path(checkpoint).name.split("-")[1]) if checkpoint else 0
-    if checkpoint:
+    if checkpoint and trainer.accelerator.is_main_process:
         print(f"  resuming from {checkpoint} (step {resumed_from})", flush=True)
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -160,8 +161,15 @@ def _explain_failed_checkpoint(exc: Exception, trainer: Any, stage_dir: Path) ->
 
 
 def save_stage_model(trainer: Any, tokenizer: Any, stage_dir: Path, base_model_path: str) -> None:
-    """Save the trained adapter (only the 'default' one), tokenizer, generation config and log history."""
-    model = trainer.model
+    """Save the trained adapter (only the 'default' one), tokenizer, generation config and log history.
+
+    Call it in every process: the weights are gathered from all of them (FSDP and ZeRO-3 shard them) and the main
+    process alone writes.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # DeepSpeed: the engine gathers
+    if not trainer.accelerator.is_main_process:
+        return
     configure_generation(model, tokenizer)
     model.peft_config["default"].base_model_name_or_path = str(Path(base_model_path).resolve()) \
         if Path(base_model_path).exists() else base_model_path
@@ -172,7 +180,8 @@ def save_stage_model(trainer: Any, tokenizer: Any, stage_dir: Path, base_model_p
     with explain_write_failures(stage_dir.name, stage_dir, what="the trained adapter",
                                 needed=f"about {human_size(needed)} ({how})",
                                 kept=f"{resume} Earlier stages are untouched."):
-        model.save_pretrained(stage_dir, selected_adapters=["default"], safe_serialization=True)
+        model.save_pretrained(stage_dir, selected_adapters=["default"], state_dict=state_dict,
+                              safe_serialization=True)
         tokenizer.save_pretrained(stage_dir)
         model.generation_config.save_pretrained(stage_dir)
         atomic_write_json(stage_dir / "log_history.json", trainer.state.log_history)
