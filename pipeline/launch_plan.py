@@ -354,7 +354,8 @@ def lora_params(shape: ModelShape, rank: int, targets: list[str]) -> int:
     return shape.layers * sum(rank * (layers[n][0] + layers[n][1]) for n in targets)
 
 
-def activation_bytes_per_token(shape: ModelShape, b: int, targets: list[str], adapter_cast: bool) -> float:
+def activation_bytes_per_token(shape: ModelShape, b: int, targets: list[str], adapter_cast: bool,
+                               lora_dropout: bool = False) -> float:
     """Bytes one decoder layer keeps for backward, per token, without activation checkpointing.
 
     Counted the way Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
@@ -368,8 +369,10 @@ def activation_bytes_per_token(shape: ModelShape, b: int, targets: list[str], ad
     - frozen base weights keep no input for their (absent) weight gradient, but every LoRA-adapted layer keeps its
       input for LoRA A's gradient: shared with the tensors above when the adapter has the compute dtype,
       a separate copy per adapted layer when it does not (peft casts the input to the fp32 adapter's dtype, and
-      autocast back: b·in_features each).
-    No dropout (lora_dropout 0, attention_dropout 0). The LoRA rank-r intermediates are negligible.
+      autocast back: b·in_features each);
+    - with ``lora_dropout`` > 0 each adapted layer's dropped-out input is a new tensor plus a one-byte mask:
+      (b + 1)·in_features each, whatever the dtypes.
+    attention_dropout is 0 in these models. The LoRA rank-r intermediates are negligible.
     """
     h = shape.hidden
     norms = 4 * h * shape.norms_per_layer + (4 * shape.head_dim * (shape.heads + shape.kv_heads) if shape.qk_norm
@@ -377,7 +380,9 @@ def activation_bytes_per_token(shape: ModelShape, b: int, targets: list[str], ad
     attention = b * (2 * shape.q_dim + 2 * shape.kv_dim)
     mlp = 3 * b * shape.intermediate
     layers = shape.linear_layers()
-    if adapter_cast:
+    if lora_dropout:
+        lora = sum((b + 1) * layers[n][0] for n in targets)
+    elif adapter_cast:
         lora = sum(b * layers[n][0] for n in targets)
     else:  # inputs shared: the attention-norm output, the attention output (o_proj's input, already counted
         # by sdpa but reshaped into a contiguous copy), the MLP-norm output, the MLP product (down_proj's input)
@@ -436,6 +441,12 @@ def estimate_stage(recipe: Recipe, stage: str, shape: ModelShape, device: str = 
                             f"r {rank} on {len(targets)} layer types, {adapter / 1e6:.1f} M params"
                             + (" + template-token rows" if template_rows else "") + f", {adapter_bytes * 8}-bit"))
 
+    if template_rows:
+        # peft's trainable-token layer writes the trained rows into a full copy of the embedding matrix on every
+        # forward (TrainableTokensLayer.get_merged_weights); the tied LM head keeps that copy for its backward
+        parts.append(MemoryPart("template-token copy", shape.vocab * shape.hidden * b,
+                                "peft trainable tokens: embedding matrix copy with the trained rows"))
+
     optim = str(section.get("optim") or "adamw_torch")
     state = _optimizer_state_bytes(optim, adapter_bytes)
     parts.append(MemoryPart("gradients + optimizer", trainable * (adapter_bytes + state),
@@ -446,7 +457,8 @@ def estimate_stage(recipe: Recipe, stage: str, shape: ModelShape, device: str = 
     max_length = int(section.get("max_length") or 1024)
     sequences = batch * (2 if stage == "dpo" else 1)  # DPO runs chosen and rejected in one batch
     tokens = sequences * max_length
-    per_token = activation_bytes_per_token(shape, b, targets, adapter_cast=adapter_bytes != b)
+    per_token = activation_bytes_per_token(shape, b, targets, adapter_cast=adapter_bytes != b,
+                                           lora_dropout=float(lora.get("lora_dropout") or 0) > 0)
     # Outside the layers: the embedding output and the final norm's float32 input
     outside = tokens * (b * shape.hidden + 4 * shape.hidden)
     full = tokens * shape.layers * per_token + outside
