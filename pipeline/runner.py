@@ -231,11 +231,10 @@ class StagePlan:
 
 
 def _latest_checkpoint_name(stage_dir: Path) -> str | None:
-    """Newest ``checkpoints/checkpoint-N`` with a trainer_state.json (read only; the run itself cleans up)."""
-    root = stage_dir / "checkpoints"
-    found = [p for p in root.glob("checkpoint-*") if (p / "trainer_state.json").is_file()] if root.is_dir() else []
-    return max(found, key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1).name \
-        if found else None
+    """Newest ``checkpoints/checkpoint-N`` holding a trainer_state.json (read only; the run itself cleans up)."""
+    steps = [int(p.name.removeprefix("checkpoint-")) for p in (stage_dir / "checkpoints").glob("checkpoint-*")
+             if p.name.removeprefix("checkpoint-").isdigit() and (p / "trainer_state.json").is_file()]
+    return f"checkpoint-{max(steps)}" if steps else None
 
 
 def plan_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None = None, force: bool = False,

@@ -11,15 +11,8 @@ import pytest
 from pipeline.cli import main_run_recipe
 from pipeline.config import load_recipe, validate_recipe
 from pipeline.errors import PipelineError
-from pipeline.launch_plan import (
-    GIB,
-    NF4_DOUBLE_QUANT_BYTES,
-    ModelShape,
-    estimate_stage,
-    gguf_config,
-    parse_memory,
-    read_model_config,
-)
+from pipeline.launch_plan import GIB, NF4_DOUBLE_QUANT_BYTES, ModelShape, estimate_stage, parse_memory
+from pipeline.model_config import gguf_config, read_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "data" / "model_configs"
