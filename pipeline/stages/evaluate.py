@@ -31,6 +31,7 @@ from pipeline.evaluation import (
     plot_model_comparison,
     plot_per_type,
     preference_accuracy,
+    read_loss_history,
     score_generations,
 )
 from pipeline.inference import load
@@ -138,11 +139,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     logps: dict[str, list] = {}
     metrics = {name: _evaluate_model(ctx, name, prompts, conversations, pairs, logps, needed) for name in names}
 
-    histories = {}
-    for stage in ("sft", "dpo"):
-        path = ctx.upstream_dir(stage) / "log_history.json"
-        if stage in ctx.upstream and path.is_file():
-            histories[stage] = json.loads(path.read_text())
+    histories = {stage: read_loss_history(ctx.upstream_dir(stage)) for stage in ("sft", "dpo") if stage in ctx.upstream}
     plot_loss_curves(histories, ctx.stage_dir / "loss_curves.png")
     plot_model_comparison(metrics, ctx.stage_dir / "comparison.png")
     plot_per_type(metrics, ctx.stage_dir / "per_type.png")

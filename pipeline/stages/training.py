@@ -2,12 +2,14 @@
 
 Each training stage writes TRL checkpoints to ``<stage_dir>/checkpoints/`` while it runs and the final
 adapter, tokenizer (with its chat template) and generation config to ``<stage_dir>/`` when it ends.
+TensorBoard event files (the default ``report_to``) go to ``<stage_dir>/runs/``, which outlives the checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +22,8 @@ from pipeline.errors import PipelineError
 from pipeline.models import configure_generation, precision_args
 
 CHECKPOINTS = "checkpoints"
+TENSORBOARD_DIR = "runs"
+TENSORBOARD_ENV = "TENSORBOARD_LOGGING_DIR"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -80,6 +84,32 @@ class StopOnNonFiniteLoss(TrainerCallback):
             )
 
 
+def tensorboard_callbacks(args: Any, stage_dir: Path) -> list[TrainerCallback]:
+    """TensorBoard logging to ``<stage_dir>/runs/`` when ``report_to`` asks for it (the default), else nothing.
+
+    transformers 5 dropped ``TrainingArguments.logging_dir``: its TensorBoard callback writes under ``output_dir``
+    (our ``checkpoints/``, deleted when the stage completes) unless its documented ``TENSORBOARD_LOGGING_DIR``
+    environment variable, read when the callback is built, names another directory. So when the recipe's
+    ``report_to`` asks for TensorBoard we build that callback ourselves with the variable set for the moment, and
+    take "tensorboard" out of ``report_to`` so the Trainer does not add a second one. (The callback writes on the
+    main process only, and keeps writing there for the held-out evaluation after training.)
+    """
+    if "tensorboard" not in args.report_to:  # TrainingArguments normalised it to a list ("all" expanded)
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    args.report_to = [r for r in args.report_to if r != "tensorboard"]
+    previous = os.environ.get(TENSORBOARD_ENV)
+    os.environ[TENSORBOARD_ENV] = str(stage_dir / TENSORBOARD_DIR)
+    try:
+        return [TensorBoardCallback()]
+    finally:
+        if previous is None:
+            del os.environ[TENSORBOARD_ENV]
+        else:
+            os.environ[TENSORBOARD_ENV] = previous
+
+
 def check_save_cadence(section: dict[str, Any]) -> None:
     """NaN detection is only safe when every save step is also a logging step (see StopOnNonFiniteLoss)."""
     save, log = section.get("save_steps"), section.get("logging_steps")
@@ -113,3 +143,8 @@ def save_stage_model(trainer: Any, tokenizer: Any, stage_dir: Path, base_model_p
     tokenizer.save_pretrained(stage_dir)
     model.generation_config.save_pretrained(stage_dir)
     atomic_write_json(stage_dir / "log_history.json", trainer.state.log_history)
+    # The held-out evaluation after training reopened the TensorBoard writer the callback closed at the end of
+    # training; release its file.
+    for callback in trainer.callback_handler.callbacks:
+        if getattr(callback, "tb_writer", None) is not None:
+            callback.tb_writer.close()
