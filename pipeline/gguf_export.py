@@ -174,10 +174,10 @@ def _vocabulary(tokenizer: Any, size: int) -> tuple[list[str], list[int], set[in
             types.append(_UNUSED)
             continue
         tokens.append(by_id[index])
-        if index == tokenizer.unk_token_id:
-            types.append(_UNKNOWN)
-        elif index in control:
+        if index in control:  # before "unknown": gemma-3's own GGUF marks <unk> as a control token too
             types.append(_CONTROL)
+        elif index == tokenizer.unk_token_id:
+            types.append(_UNKNOWN)
         elif index in added:
             types.append(_USER_DEFINED)
         elif re.fullmatch(r"<0x[0-9A-F]{2}>", by_id[index]):
