@@ -57,7 +57,9 @@ LORA_DEFAULTS: dict[str, Any] = {
 }
 # Applied to both trainer sections. Why each differs from TRL's default:
 _TRAINER_DEFAULTS: dict[str, Any] = {
-    "report_to": "none",  # no surprise network loggers
+    # TensorBoard event files in <stage>/runs/ (local files, no network; see stages.training.stage_callbacks).
+    # A recipe's own report_to wins ("none" turns logging off; "wandb" etc. are never on by default).
+    "report_to": "tensorboard",
     "logging_nan_inf_filter": False,  # the Trainer would log a NaN loss as 0, hiding it from the NaN guard
     "logging_steps": 5,
     "save_steps": 25,  # frequent checkpoints: a killed stage loses little (see README "Resuming")

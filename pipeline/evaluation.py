@@ -6,6 +6,7 @@ Reusable on its own (any JSONL with ``prompt`` + ``instruction_id_list`` + ``kwa
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -299,7 +300,40 @@ def _pyplot() -> Any:
     return plt
 
 
+# TensorBoardCallback's names for the Trainer's log keys ("loss" -> "train/loss", "eval_loss" -> "eval/loss")
+_TENSORBOARD_TAGS = {"train/loss": "loss", "eval/loss": "eval_loss"}
+
+
+def read_loss_history(stage_dir: Path) -> list[dict[str, Any]]:
+    """A training stage's logged losses as ``[{"step", "loss" | "eval_loss"}]``.
+
+    Read from the TensorBoard event files in ``<stage_dir>/runs/`` (what people watch during training); a stage
+    written before TensorBoard was the default, or with ``report_to: none``, falls back to its
+    ``log_history.json``. A step logged twice (a resumed run repeats the steps after its last checkpoint) keeps
+    its latest value.
+    """
+    runs = Path(stage_dir) / "runs"
+    if runs.is_dir() and any(runs.rglob("events.out.tfevents.*")):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        latest: dict[tuple[str, int], tuple[float, float]] = {}
+        for events_dir in sorted({p.parent for p in runs.rglob("events.out.tfevents.*")}):
+            accumulator = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})  # 0: keep every point
+            accumulator.Reload()
+            for tag, key in _TENSORBOARD_TAGS.items():
+                if tag in accumulator.Tags()["scalars"]:
+                    for event in accumulator.Scalars(tag):
+                        if latest.get((key, event.step), (-math.inf,))[0] <= event.wall_time:
+                            latest[(key, event.step)] = (event.wall_time, event.value)
+        if latest:
+            return [{"step": step, key: value} for (key, step), (_, value) in sorted(latest.items(),
+                                                                                   key=lambda kv: kv[0][1])]
+    history = Path(stage_dir) / "log_history.json"
+    return json.loads(history.read_text(encoding="utf-8")) if history.is_file() else []
+
+
 def plot_loss_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """One panel per stage: training loss and held-out loss against the step (see :func:`read_loss_history`)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, max(len(histories), 1), figsize=(5 * max(len(histories), 1), 3.5), squeeze=False)
     for ax, (name, history) in zip(axes[0], histories.items(), strict=False):

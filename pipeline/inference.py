@@ -4,7 +4,8 @@
 applied, and the tokenizer saved with the stage (chat template included). The same directory also loads
 with stock ``peft.AutoPeftModelForCausalLM.from_pretrained``. Before loading, the stage's files are checked
 against its manifest (sizes always, hashes where cheap: see :func:`load`), so a truncated or replaced file
-is an error naming the stage, not a broken model or a safetensors traceback.
+is an error naming the stage, not a broken model or a safetensors traceback. ``load_model`` also takes what
+:mod:`pipeline.export` writes: a merged checkpoint directory or a ``.gguf`` file.
 """
 
 from __future__ import annotations
@@ -87,6 +88,34 @@ def load(stage_dir: str | Path, *, merge: bool = False, dtype: str | None = None
     model = PeftModel.from_pretrained(model, str(stage_dir))
     if merge:
         model = model.merge_and_unload()
+    model.eval()
+    configure_generation(model, tokenizer)
+    return model, tokenizer
+
+
+def load_model(path: str | Path, *, dtype: str | None = None, device: str | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a stage directory (adapter merged), a merged export, or a GGUF export.
+
+    A ``.gguf`` file is read by transformers' GGUF loader once and cached as a plain checkpoint
+    (:func:`pipeline.gguf.convert_gguf`, keyed by the file's hash), so the next load takes a second.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() or (path / "manifest.json").is_file():
+        return load(path, merge=True, dtype=dtype, device=device)
+    cfg = _model_cfg(path, {}, dtype, device)
+    if path.suffix == ".gguf" and path.is_file():
+        from pipeline.gguf import convert_gguf
+        from pipeline.models import resolve_dtype
+
+        path = convert_gguf(path, dtype=resolve_dtype(cfg))
+    elif not (path / "config.json").is_file():
+        raise PipelineError(f"{path} is neither a stage directory, a merged export (config.json) nor a .gguf file.")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        raise PipelineError(f"{path} has no chat template; export a trained stage with scripts/export.py.")
+    model = load_base_model(cfg, path=str(path))
     model.eval()
     configure_generation(model, tokenizer)
     return model, tokenizer
@@ -184,13 +213,25 @@ def _generate_padded(model: Any, tokenizer: Any, inputs: list[list[int]], stops:
     return answers
 
 
-def stream(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int = 512) -> Iterator[str]:
-    """Yield the answer to a conversation piece by piece as it is generated."""
+def stream(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int = 512, *,
+           temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+    """Yield the answer to a conversation piece by piece as it is generated.
+
+    ``temperature`` 0 (the default) decodes greedily; above 0 it samples, from the smallest set of tokens whose
+    probabilities add up to ``top_p``. ``seed`` makes sampling repeatable.
+    """
     from transformers import TextIteratorStreamer
 
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise PipelineError(f"temperature must be >= 0 and top_p in (0, 1]; got {temperature} and {top_p}.")
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     inputs = chat_inputs(tokenizer, messages, model.device)
-    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
+    sampling: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        if seed is not None:
+            torch.manual_seed(seed)
+    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
     thread = Thread(target=model.generate, kwargs=kwargs, daemon=True)
     thread.start()
     yield from streamer

@@ -1,4 +1,8 @@
-"""Chat with a trained stage: ``python scripts/chat.py runs/quickstart/dpo [--prompt "..."]``."""
+"""Chat with a trained stage or an export: ``python scripts/chat.py runs/quickstart/dpo [--prompt "..."]``.
+
+Also takes a merged export directory or a ``.gguf`` export; ``--system``, ``--temperature``, ``--top-p``; type
+``/reset`` to start a new conversation.
+"""
 
 from __future__ import annotations
 

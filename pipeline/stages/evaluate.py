@@ -40,6 +40,7 @@ from pipeline.evaluation import (
     preference_accuracy,
     prompt_clusters,
     prompt_items,
+    read_loss_history,
     score_generations,
 )
 from pipeline.inference import load
@@ -149,11 +150,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                for name in names}
     _add_intervals(ctx, metrics, prompts, pairs, logps, losses)
 
-    histories = {}
-    for stage in ("sft", "dpo"):
-        path = ctx.upstream_dir(stage) / "log_history.json"
-        if stage in ctx.upstream and path.is_file():
-            histories[stage] = json.loads(path.read_text())
+    histories = {stage: read_loss_history(ctx.upstream_dir(stage)) for stage in ("sft", "dpo") if stage in ctx.upstream}
     plot_loss_curves(histories, ctx.stage_dir / "loss_curves.png")
     plot_model_comparison(metrics, ctx.stage_dir / "comparison.png")
     plot_per_type(metrics, ctx.stage_dir / "per_type.png")

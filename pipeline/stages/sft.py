@@ -27,6 +27,7 @@ from pipeline.stages.training import (
     StopOnNonFiniteLoss,
     check_save_cadence,
     save_stage_model,
+    tensorboard_callbacks,
     train_with_resume,
     trainer_arguments,
 )
@@ -83,7 +84,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         eval_dataset=evaluation if evaluation is not None and len(evaluation) else None,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[StopOnNonFiniteLoss()],
+        callbacks=[StopOnNonFiniteLoss(), *tensorboard_callbacks(args, ctx.stage_dir)],
     )
     set_adapter_dtype(trainer.model, recipe.lora)
     metrics, resumed_from = train_with_resume(trainer, ctx.stage_dir)

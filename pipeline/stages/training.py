@@ -5,12 +5,14 @@ adapter, tokenizer (with its chat template) and generation config to ``<stage_di
 A checkpoint or final save that fails for lack of room (full disk, ``ulimit -f``) stops the stage with a
 message saying how much it needed; the half-written checkpoint is removed and the newest complete one kept,
 so the same command resumes from it once there is room.
+TensorBoard event files (the default ``report_to``) go to ``<stage_dir>/runs/``, which outlives the checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -30,6 +32,8 @@ from pipeline.models import configure_generation, precision_args
 
 # What a checkpoint holds beyond what the final save writes (optimizer, scheduler, RNG and Trainer state).
 _RESUME_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state", "trainer_state.json")
+TENSORBOARD_DIR = "runs"
+TENSORBOARD_ENV = "TENSORBOARD_LOGGING_DIR"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -88,6 +92,32 @@ class StopOnNonFiniteLoss(TrainerCallback):
                 f"The checkpoints before it are kept in {args.output_dir}. Lower the learning rate (or use fp32 "
                 "with model.dtype: float32) and re-run the stage; with changed settings it starts from step 0."
             )
+
+
+def tensorboard_callbacks(args: Any, stage_dir: Path) -> list[TrainerCallback]:
+    """TensorBoard logging to ``<stage_dir>/runs/`` when ``report_to`` asks for it (the default), else nothing.
+
+    transformers 5 dropped ``TrainingArguments.logging_dir``: its TensorBoard callback writes under ``output_dir``
+    (our ``checkpoints/``, deleted when the stage completes) unless its documented ``TENSORBOARD_LOGGING_DIR``
+    environment variable, read when the callback is built, names another directory. So when the recipe's
+    ``report_to`` asks for TensorBoard we build that callback ourselves with the variable set for the moment, and
+    take "tensorboard" out of ``report_to`` so the Trainer does not add a second one. (The callback writes on the
+    main process only, and keeps writing there for the held-out evaluation after training.)
+    """
+    if "tensorboard" not in args.report_to:  # TrainingArguments normalised it to a list ("all" expanded)
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    args.report_to = [r for r in args.report_to if r != "tensorboard"]
+    previous = os.environ.get(TENSORBOARD_ENV)
+    os.environ[TENSORBOARD_ENV] = str(stage_dir / TENSORBOARD_DIR)
+    try:
+        return [TensorBoardCallback()]
+    finally:
+        if previous is None:
+            del os.environ[TENSORBOARD_ENV]
+        else:
+            os.environ[TENSORBOARD_ENV] = previous
 
 
 def check_save_cadence(section: dict[str, Any]) -> None:
@@ -185,3 +215,8 @@ def save_stage_model(trainer: Any, tokenizer: Any, stage_dir: Path, base_model_p
         tokenizer.save_pretrained(stage_dir)
         model.generation_config.save_pretrained(stage_dir)
         atomic_write_json(stage_dir / "log_history.json", trainer.state.log_history)
+    # The held-out evaluation after training reopened the TensorBoard writer the callback closed at the end of
+    # training; release its file.
+    for callback in trainer.callback_handler.callbacks:
+        if getattr(callback, "tb_writer", None) is not None:
+            callback.tb_writer.close()
