@@ -277,7 +277,7 @@ def _validate_plain_section(section: str, values: Any, defaults: dict[str, Any])
 
 
 def _validate_sources(kind: str, sources: Any) -> list[dict[str, Any]]:
-    from pipeline.data.formats import SOURCE_KEYS
+    from pipeline.data.formats import SOURCE_KEYS, parse_source
 
     if sources is None:
         return []
@@ -286,7 +286,7 @@ def _validate_sources(kind: str, sources: Any) -> list[dict[str, Any]]:
     if not isinstance(sources, list):
         raise PipelineError(f"data.{kind} must be a list of sources like {{path: data/x.jsonl}}.")
     result = []
-    for source in sources:
+    for index, source in enumerate(sources):
         if isinstance(source, str):
             source = {"path": source}
         if not isinstance(source, dict) or "path" not in source:
@@ -294,6 +294,7 @@ def _validate_sources(kind: str, sources: Any) -> list[dict[str, Any]]:
         for key in source:
             if key not in SOURCE_KEYS:
                 raise _unknown_key_error(f"data.{kind}[]", key, SOURCE_KEYS)
+        parse_source(source, index, "preference" if kind == "dpo" else "sft")  # values too, before any model loads
         result.append(dict(source))
     return result
 

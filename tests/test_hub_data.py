@@ -42,7 +42,9 @@ def msg(role: str, content: str) -> dict:
     return {"content": content, "role": role}
 
 
-def ultrachat_row(split: str, i: int, turns: int = 2) -> dict:
+def ultrachat_row(split: str, i: int) -> dict:
+    """One to three exchanges; under the tiny tokenizer and ChatML: 56, 97, 138 tokens."""
+    turns = 1 + i % 3
     prompt = f"[{split}] Tell me about topic {i}."
     messages = [msg("user", prompt), msg("assistant", f"Topic {i} is interesting.")]
     for t in range(1, turns):
@@ -256,16 +258,16 @@ def test_streaming_holds_a_hash_per_row_not_the_rows(tmp_path: Path):
             tracemalloc.stop()
             assert count == n
 
-    small, large = peak(2_000), peak(8_000)
+    small, large = peak(1_000), peak(4_000)
     # A kept row here is ~1 KB as Python objects; the dedup set costs ~100 bytes per row.
-    assert large - small < 6_000 * 250, f"peak grew {(large - small) / 6_000:.0f} bytes per extra row"
+    assert large - small < 3_000 * 250, f"peak grew {(large - small) / 3_000:.0f} bytes per extra row"
 
 
 # ------------------------------------------------------------------------------------------------ prepare
 
 
 def _recipe(tmp_path: Path, tiny_model_dir: Path, sft: list, dpo: list, **data) -> dict:
-    trainer = {"max_steps": 1, "max_length": 64}
+    trainer = {"max_steps": 1, "max_length": 100}  # ultrachat_row: every third row is longer
     return {"name": "hub", "output_dir": str(tmp_path / "run"),
             "model": {"name_or_path": str(tiny_model_dir), "chat_template": "chatml"},
             "data": {"sft": sft, "dpo": dpo, "eval_fraction": 0.2, "seed": 3, **data},
@@ -280,9 +282,9 @@ def test_prepare_streams_hub_like_sets_and_every_row_is_accounted_for(tmp_path, 
     out = tmp_path / "run" / "prepare"
     report = json.loads((out / "report.json").read_text())
     sft = report["sft"]
-    # The tiny BPE spends many tokens per word: two-turn rows exceed 64 tokens, which is a setting, not damage.
-    assert sft["filtered"] > 0 and sft["malformed"] == 0
-    assert sft["drop_reasons"] == {"longer than sft.max_length (64 tokens)": sft["filtered"]}
+    # Three-turn rows exceed 100 tokens: filtered by a setting, not damage.
+    assert sft["filtered"] >= 10 and sft["malformed"] == 0 and sft["kept"] + sft["filtered"] == 30
+    assert sft["drop_reasons"] == {"longer than sft.max_length (100 tokens)": sft["filtered"]}
     for part in (sft, *sft["sources"], report["dpo"]):
         assert part["rows_in"] == part["kept"] + part["dropped"] + part["deduplicated"]
         assert part["dropped"] == part["malformed"] + part["filtered"]
@@ -309,7 +311,7 @@ def test_prepare_length_filter_keeps_the_rows_the_list_loader_would_keep(tmp_pat
     tokenizer = load_tokenizer(recipe.model)
     rows, _ = load_sft_examples(raw["data"]["sft"])
     expected = [r["messages"] for r in rows
-                if len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) <= 64]
+                if len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) <= 100]
     saved = load_from_disk(str(tmp_path / "run" / "prepare" / "sft_train"))
     assert saved["messages"] == expected and 0 < len(expected) < len(rows)
     report = json.loads((tmp_path / "run" / "prepare" / "report.json").read_text())["sft"]
@@ -341,3 +343,16 @@ def test_max_drop_fraction_default_and_validation(tmp_path, tiny_model_dir):
         raw["data"]["max_drop_fraction"] = bad
         with pytest.raises(PipelineError, match=r"data\.max_drop_fraction must be a number in \[0, 1\]"):
             validate_recipe(raw)
+
+
+def test_recipe_validation_checks_source_values_before_any_model_loads(tmp_path, tiny_model_dir):
+    raw = _recipe(tmp_path, tiny_model_dir, sft=[{"path": "not-read-yet.jsonl", "fraction": 2}], dpo=[])
+    del raw["dpo"]
+    with pytest.raises(PipelineError, match=r"not-read-yet\.jsonl\): fraction must be a number"):
+        validate_recipe(raw)
+    raw["data"]["sft"] = [{"path": "x.jsonl", "columns": {"output": "answer"}}]
+    with pytest.raises(PipelineError, match=r"It looks reversed: write \{answer: output\}"):
+        validate_recipe(raw)
+    raw["data"]["sft"] = [{"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft", "revision": "8049631",
+                           "fraction": 0.5, "limit": 1000, "columns": {"conversation": "messages"}}]
+    assert validate_recipe(raw).data["sft"] == raw["data"]["sft"]

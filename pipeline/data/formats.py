@@ -81,8 +81,8 @@ from pipeline.errors import DataError, PipelineError
 
 __all__ = [
     "DEFAULT_MAX_DROP_FRACTION", "FORMATS", "MAX_LINE_BYTES", "MAX_ROW_CHARS", "SOURCE_KEYS", "ZERO_WIDTH_SPACE",
-    "ExampleStream", "load_preference_examples", "load_sft_examples", "neutralise_control_tokens", "read_jsonl",
-    "source_files",
+    "ExampleStream", "load_preference_examples", "load_sft_examples", "neutralise_control_tokens", "parse_source",
+    "read_jsonl", "source_files",
 ]
 
 FORMATS = ("alpaca", "sharegpt", "messages", "preference")
@@ -180,7 +180,7 @@ class ExampleStream:
             raise PipelineError("No data sources given: add at least one {path: data/x.jsonl} to the recipe's "
                                 "data section.")
         self.kind = kind
-        self.specs = [_parse_source(source, index, kind) for index, source in enumerate(sources)]
+        self.specs = [parse_source(source, index, kind) for index, source in enumerate(sources)]
         self.max_drop_fraction = max_drop_fraction
         self.row_filter = row_filter
         self.log = log
@@ -281,7 +281,7 @@ def load_preference_examples(sources: list[dict], *, control_tokens: Iterable[st
 
 def source_files(source: dict | str) -> list[str]:
     """The local files a recipe source reads, in order ([] for a Hub id): what its content hash should cover."""
-    return SourceReader(_parse_source(source, 0, "sft")).files
+    return SourceReader(parse_source(source, 0, "sft")).files
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -325,7 +325,8 @@ def _total(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def _parse_source(source: Any, index: int, kind: str) -> Source:
+def parse_source(source: Any, index: int, kind: str) -> Source:
+    """Validate one recipe source (keys and values; nothing is read) for the "sft" or "preference" loader."""
     where = f"data source #{index + 1}"
     if isinstance(source, str):
         source = {"path": source}

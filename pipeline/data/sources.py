@@ -18,10 +18,14 @@ A source (one entry of ``data.sft`` / ``data.dpo``) is read as follows:
              ``datasets``, memory-mapped), read in Arrow batches.
 
 ``columns`` renames columns before any reader sees them: ``{column in your data: name the pipeline reads}``
-(the direction of ``datasets.Dataset.rename_columns``). ``fraction`` keeps the first ``int(fraction × rows)``
-rows of the source (at least one), as alignment-handbook's mixer does (``dataset.select(range(int(frac *
-len(dataset))))``); ``limit`` then caps that. First rows rather than a seeded sample: reading stays one
-streaming pass, and the same recipe always reads the same rows.
+(the direction of ``datasets.Dataset.rename_columns``). ``limit`` reads only the first N rows of the source.
+``fraction`` reads the first ``int(fraction × rows)`` rows of the source (at least one), as alignment-handbook's
+mixer does (``dataset.select(range(int(frac * len(dataset))))``); with both, the smaller count wins. First rows
+rather than a seeded sample: reading stays one streaming pass, the same recipe always reads the same rows, and
+the sets this is for (ultrachat_200k, ultrafeedback_binarized) are already shuffled. Counting the rows for
+``fraction`` reads Parquet metadata, ``len()`` of a Hub split, or scans JSON lines once. For a directory
+or a Hub id, ``split`` defaults to ``train``; for a single file it is ignored, as are ``subset`` and
+``revision`` (``revision`` only means something on the Hub).
 """
 
 from __future__ import annotations
@@ -94,22 +98,28 @@ class SourceReader:
         self.rename = dict(source.columns)
         self.files = _resolve(source)  # [] for a Hub id
         self.seen_columns: set[str] = set()  # columns of the rows read so far (before renaming)
+        self._dataset: Any = None  # the Hub split, loaded once
 
     def count(self) -> int:
         """Rows in the whole source (what ``fraction`` is a share of); reads metadata or scans lines."""
         if not self.files:
-            return len(_hub_dataset(self.source))
+            return len(self._hub())
         return sum(_count_rows(Path(file)) for file in self.files)
 
     def rows(self) -> Iterator[Row]:
         """Every row of the source, in file order, with columns renamed."""
         if not self.files:
-            dataset = _hub_dataset(self.source)
+            dataset = self._hub()
             self._check_schema(dataset.column_names, self.source.path)
             yield from self._renamed(_hub_rows(dataset, self.source.path))
             return
         for file in self.files:
             yield from self._renamed(_file_rows(Path(file), file, self._check_schema))
+
+    def _hub(self) -> Any:
+        if self._dataset is None:
+            self._dataset = _hub_dataset(self.source)
+        return self._dataset
 
     def check_columns_found(self) -> None:
         """After reading: a mapped column that no row had is a mistake in the recipe, not in the data."""

@@ -80,6 +80,7 @@ def _stream_to_disk(ctx: StageContext, stream: ExampleStream, kind: str) -> Data
                 row = {"constraints": None, **row}
             yield row
 
+    shutil.rmtree(ctx.stage_dir / "_cache", ignore_errors=True)  # left by a killed run
     try:
         # A fresh fingerprint: the cache must never hand back rows from an earlier run (and hashing the
         # generator would pickle the tokenizer).
