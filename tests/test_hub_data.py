@@ -218,22 +218,31 @@ def test_columns_apply_to_hub_like_directories(ultrachat: Path):
 # ------------------------------------------------------------------------------------- fraction and limit
 
 
-def test_fraction_reads_the_first_share_of_rows_and_limit_caps_it(tmp_path: Path):
-    path = write_jsonl(tmp_path / "x.jsonl", [{"instruction": f"Q{i}?", "output": "a"} for i in range(10)]
+def _questions(rows: list[dict]) -> list[str]:
+    return [r["messages"][0]["content"] for r in rows]
+
+
+def test_fraction_reads_a_seeded_sample_in_file_order_and_limit_caps_it(tmp_path: Path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"instruction": f"Q{i:02d}?", "output": "a"} for i in range(40)]
                        + [""])  # a blank line is not a row
-    rows, report = load_sft_examples([{"path": path, "fraction": 0.35}])
-    assert [r["messages"][0]["content"] for r in rows] == ["Q0?", "Q1?", "Q2?"]
-    assert (report["sources"][0]["rows_available"], report["rows_in"]) == (10, 3)
-    rows, _ = load_sft_examples([{"path": path, "fraction": 0.5, "limit": 2}])
-    assert len(rows) == 2
-    rows, _ = load_sft_examples([{"path": path, "fraction": 0.01}])
-    assert len(rows) == 1  # at least one row
+    stream = ExampleStream([{"path": path, "fraction": 0.25}], kind="sft")
+    rows = _questions(list(stream))
+    assert len(rows) == 10 and rows == sorted(rows) and len(set(rows)) == 10  # a subset, in file order
+    assert rows != [f"Q{i:02d}?" for i in range(10)]  # not simply the first rows
+    assert (stream.report["sources"][0]["rows_available"], stream.report["rows_in"]) == (40, 10)
+    assert _questions(ExampleStream([{"path": path, "fraction": 0.25}], kind="sft")) == rows  # same seed
+    assert _questions(ExampleStream([{"path": path, "fraction": 0.25}], kind="sft", seed=7)) != rows
+    assert _questions(ExampleStream([{"path": path, "fraction": 0.25, "limit": 4}], kind="sft")) == rows[:4]
+    assert len(list(ExampleStream([{"path": path, "fraction": 0.001}], kind="sft"))) == 1  # at least one row
+    assert len(list(ExampleStream([{"path": path, "fraction": 1}], kind="sft"))) == 40
 
 
-def test_fraction_of_a_sharded_split_counts_rows_across_all_shards(ultrachat: Path):
-    rows, report = load_sft_examples([{"path": str(ultrachat), "split": "train_sft", "fraction": 0.5}])
-    assert [r["messages"][0]["content"] for r in rows] == [f"[train_sft] Tell me about topic {i}." for i in range(15)]
-    assert report["sources"][0]["rows_available"] == 30
+def test_fraction_of_a_sharded_split_samples_across_all_shards(ultrachat: Path):
+    stream = ExampleStream([{"path": str(ultrachat), "split": "train_sft", "fraction": 0.5}], kind="sft")
+    numbers = [int(q.split("topic ")[1].rstrip(".")) for q in _questions(list(stream))]
+    assert len(numbers) == 15 and numbers == sorted(numbers)
+    assert {n // 10 for n in numbers} == {0, 1, 2}  # rows from each of the three shards of ten
+    assert stream.report["sources"][0]["rows_available"] == 30
 
 
 @pytest.mark.parametrize("fraction", [0, 1.5, -0.1, True, "0.5"])

@@ -58,7 +58,6 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
-import itertools
 import json
 import re
 from collections import Counter
@@ -87,6 +86,7 @@ __all__ = [
 
 FORMATS = ("alpaca", "sharegpt", "messages", "preference")
 DEFAULT_MAX_DROP_FRACTION = 0.05  # the recipe's data.max_drop_fraction default (pipeline/config.py)
+DEFAULT_SEED = 42  # the recipe's data.seed default: picks the rows of a source's `fraction`
 MAX_EXAMPLES = 10
 FILTER_BATCH = 64  # rows handed to a row_filter at once (a tokenizer is faster on a batch)
 ZERO_WIDTH_SPACE = "\u200b"
@@ -171,11 +171,12 @@ class ExampleStream:
     check). ``row_filter`` sees the kept rows in batches and may refuse some for a reason of its own (counted
     as ``filtered``, apart from the malformed rows). ``log`` receives one line per source: rows read and kept,
     and the format used (saying when it was detected). Only a 16-byte hash per kept row is held, for dedup.
+    ``seed`` draws the rows of sources with a ``fraction`` (prepare passes the recipe's ``data.seed``).
     """
 
     def __init__(self, sources: list[dict], *, kind: str, control_tokens: Iterable[str] = (),
                  max_drop_fraction: float | None = DEFAULT_MAX_DROP_FRACTION, row_filter: RowFilter | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, seed: int = DEFAULT_SEED) -> None:
         if not isinstance(sources, list) or not sources:
             raise PipelineError("No data sources given: add at least one {path: data/x.jsonl} to the recipe's "
                                 "data section.")
@@ -184,6 +185,7 @@ class ExampleStream:
         self.max_drop_fraction = max_drop_fraction
         self.row_filter = row_filter
         self.log = log
+        self.seed = seed  # for sources with `fraction`
         self.report: dict[str, Any] | None = None  # set once every row has been read
         self._pattern = _control_token_pattern(frozenset(control_tokens))
         self._seen: set[bytes] = set()
@@ -201,13 +203,8 @@ class ExampleStream:
     def _read_source(self, spec: Source) -> Iterator[dict]:
         reader = SourceReader(spec)
         report = _SourceReport(spec, reader.files)
-        take = spec.limit
-        if spec.fraction is not None:
-            report.rows_available = reader.count()
-            share = max(1, int(spec.fraction * report.rows_available))
-            take = share if take is None else min(take, share)
         pending: list[tuple[dict, int]] = []
-        for raw in itertools.islice(reader.rows(), take):
+        for raw in reader.selected_rows(self.seed):
             report.rows_in += 1
             record = raw.value
             if isinstance(record, dict):
@@ -233,6 +230,7 @@ class ExampleStream:
             if len(pending) >= (FILTER_BATCH if self.row_filter else 1):
                 yield from self._accept(pending, report)
         yield from self._accept(pending, report)
+        report.rows_available = reader.rows_available
         reader.check_columns_found()
         _check_source_outcome(spec, report, self.max_drop_fraction)
         if self.log:
@@ -354,7 +352,7 @@ def parse_source(source: Any, index: int, kind: str) -> Source:
     if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
                                  or not 0 < fraction <= 1):
         raise PipelineError(f"{where}: fraction must be a number with 0 < fraction <= 1 (the share of the "
-                            f"source's first rows to read), got {fraction!r}.")
+                            f"source's rows to read), got {fraction!r}.")
     for key in ("split", "subset", "revision"):
         if source.get(key) is not None and not isinstance(source[key], str):
             raise PipelineError(f"{where}: {key} must be a string, got {source[key]!r}.")

@@ -19,17 +19,20 @@ A source (one entry of ``data.sft`` / ``data.dpo``) is read as follows:
 
 ``columns`` renames columns before any reader sees them: ``{column in your data: name the pipeline reads}``
 (the direction of ``datasets.Dataset.rename_columns``). ``limit`` reads only the first N rows of the source.
-``fraction`` reads the first ``int(fraction × rows)`` rows of the source (at least one), as alignment-handbook's
-mixer does (``dataset.select(range(int(frac * len(dataset))))``); with both, the smaller count wins. First rows
-rather than a seeded sample: reading stays one streaming pass, the same recipe always reads the same rows, and
-the sets this is for (ultrachat_200k, ultrafeedback_binarized) are already shuffled. Counting the rows for
-``fraction`` reads Parquet metadata, ``len()`` of a Hub split, or scans JSON lines once. For a directory
+``fraction`` reads a seeded sample of ``int(fraction × rows)`` rows (at least one), kept in file order: the
+share alignment-handbook's mixer takes (``ds.shuffle(seed=seed).select(range(int(len(ds) * weight)))``), drawn
+without shuffling the data, so a set grouped by topic or origin (smol-smoltalk concatenates its sources) is
+sampled evenly. The seed is the recipe's ``data.seed``: the same recipe reads the same rows. With ``limit``
+too, the first ``limit`` of the sampled rows are read. Counting the rows for ``fraction`` reads Parquet
+metadata, ``len()`` of a Hub split, or scans JSON lines once; the sample is a mask of one byte per row, and
+the source is then read in one pass. For a directory
 or a Hub id, ``split`` defaults to ``train``; for a single file it is ignored, as are ``subset`` and
 ``revision`` (``revision`` only means something on the Hub).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -99,12 +102,22 @@ class SourceReader:
         self.files = _resolve(source)  # [] for a Hub id
         self.seen_columns: set[str] = set()  # columns of the rows read so far (before renaming)
         self._dataset: Any = None  # the Hub split, loaded once
+        self.rows_available: int | None = None  # rows in the whole source, once `fraction` needed the count
 
     def count(self) -> int:
         """Rows in the whole source (what ``fraction`` is a share of); reads metadata or scans lines."""
         if not self.files:
             return len(self._hub())
         return sum(_count_rows(Path(file)) for file in self.files)
+
+    def selected_rows(self, seed: int) -> Iterator[Row]:
+        """The rows ``fraction`` (a sample seeded by ``seed``) and ``limit`` (the first N of those) select."""
+        rows = self.rows()
+        if self.source.fraction is not None and self.source.fraction < 1:
+            self.rows_available = self.count()
+            chosen = _sample(self.rows_available, max(1, int(self.source.fraction * self.rows_available)), seed)
+            rows = (row for index, row in enumerate(rows) if index < len(chosen) and chosen[index])
+        return itertools.islice(rows, self.source.limit)
 
     def rows(self) -> Iterator[Row]:
         """Every row of the source, in file order, with columns renamed."""
@@ -157,6 +170,15 @@ class SourceReader:
                 if record[old] is not None or new not in out:
                     out[new] = record[old]
         return out
+
+
+def _sample(n: int, k: int, seed: int) -> Any:
+    """A boolean mask over ``n`` rows with ``k`` set, drawn without replacement (n bytes, not n rows)."""
+    import numpy as np
+
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).choice(n, size=k, replace=False)] = True
+    return mask
 
 
 def parse_columns(value: Any, where: str) -> tuple[tuple[str, str], ...]:

@@ -129,7 +129,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             continue
         stream = ExampleStream(data[kind], kind=loader_kind, control_tokens=controls,
                                max_drop_fraction=data["max_drop_fraction"],
-                               row_filter=_length_filter(tokenizer, section.get("max_length"), kind), log=log)
+                               row_filter=_length_filter(tokenizer, section.get("max_length"), kind), log=log,
+                               seed=seed)
         metrics.update(_prepare_part(ctx, kind, stream, seed + seed_offset))
         report[kind] = stream.report
 
