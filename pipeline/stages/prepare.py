@@ -29,6 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.models import control_tokens, load_tokenizer
 from pipeline.stages.context import StageContext
 
+PARTS = (("sft", "sft"), ("dpo", "preference"))  # recipe section and data key, ExampleStream kind
 _MESSAGES = List({"role": Value("string"), "content": Value("string")})
 FEATURES = {
     "sft": Features({"messages": _MESSAGES}),
@@ -124,14 +125,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     seed = int(data["seed"])
     log: Callable[[str], None] = lambda line: print(line, flush=True)  # noqa: E731
 
-    for kind, loader_kind, section, seed_offset in (("sft", "sft", recipe.sft, 0), ("dpo", "preference", recipe.dpo, 1)):
+    for offset, (kind, loader_kind) in enumerate(PARTS):
+        section = getattr(recipe, kind)
         if not data[kind] or section is None:
             continue
         stream = ExampleStream(data[kind], kind=loader_kind, control_tokens=controls,
                                max_drop_fraction=data["max_drop_fraction"],
                                row_filter=_length_filter(tokenizer, section.get("max_length"), kind), log=log,
                                seed=seed)
-        metrics.update(_prepare_part(ctx, kind, stream, seed + seed_offset))
+        metrics.update(_prepare_part(ctx, kind, stream, seed + offset))  # each part's eval split: its own seed
         report[kind] = stream.report
 
     for kind in ("sft", "dpo"):
