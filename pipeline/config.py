@@ -42,6 +42,9 @@ DATA_DEFAULTS: dict[str, Any] = {
     "eval_fraction": 0.1,
     "seed": 42,
     "max_eval_rows": 200,  # cap on each held-out split
+    # per source: the largest share of rows read that may be dropped as malformed before prepare stops
+    # (pipeline.data.formats.DEFAULT_MAX_DROP_FRACTION); null disables the check. Rows over max_length don't count.
+    "max_drop_fraction": 0.05,
 }
 LORA_DEFAULTS: dict[str, Any] = {
     "r": 16,
@@ -276,7 +279,7 @@ def _validate_plain_section(section: str, values: Any, defaults: dict[str, Any])
 
 
 def _validate_sources(kind: str, sources: Any) -> list[dict[str, Any]]:
-    from pipeline.data.formats import SOURCE_KEYS
+    from pipeline.data.formats import SOURCE_KEYS, parse_source
 
     if sources is None:
         return []
@@ -285,7 +288,7 @@ def _validate_sources(kind: str, sources: Any) -> list[dict[str, Any]]:
     if not isinstance(sources, list):
         raise PipelineError(f"data.{kind} must be a list of sources like {{path: data/x.jsonl}}.")
     result = []
-    for source in sources:
+    for index, source in enumerate(sources):
         if isinstance(source, str):
             source = {"path": source}
         if not isinstance(source, dict) or "path" not in source:
@@ -293,6 +296,7 @@ def _validate_sources(kind: str, sources: Any) -> list[dict[str, Any]]:
         for key in source:
             if key not in SOURCE_KEYS:
                 raise _unknown_key_error(f"data.{kind}[]", key, SOURCE_KEYS)
+        parse_source(source, index, "preference" if kind == "dpo" else "sft")  # values too, before any model loads
         result.append(dict(source))
     return result
 
@@ -318,6 +322,10 @@ def validate_recipe(raw: dict[str, Any], source: Path | None = None) -> Recipe:
     data["dpo"] = _validate_sources("dpo", data["dpo"])
     if not 0.0 <= float(data["eval_fraction"]) < 1.0:
         raise PipelineError("data.eval_fraction must be in [0, 1).")
+    limit = data["max_drop_fraction"]
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 <= limit <= 1):
+        raise PipelineError(f"data.max_drop_fraction must be a number in [0, 1] (the share of a source's rows that "
+                            f"may be malformed) or null to disable the check, got {limit!r}.")
 
     lora = _validate_dataclass_section("lora", {**LORA_DEFAULTS, **(raw.get("lora") or {})}, LoraConfig,
                                        extra={"train_template_tokens": (True, False),

@@ -153,7 +153,7 @@ def _path_for(case: Case, tmp_path: Path) -> Path:
 def _load(case: Case, path: Path) -> tuple[list[dict], dict]:
     source = {"path": str(path), **({"format": case.format} if case.format else {})}
     loader = load_preference_examples if case.loader == "preference" else load_sft_examples
-    return loader([source])
+    return loader([source], max_drop_fraction=None)  # per-row accounting; the threshold is tested below
 
 
 def _assert_normalised(rows: list[dict], loader: str) -> None:
@@ -198,7 +198,7 @@ def test_huge_single_line_is_skipped_without_holding_it_in_memory(tmp_path: Path
                         json.dumps(GOOD_CHAT)])
     tracemalloc.start()
     try:
-        rows, report = load_sft_examples([{"path": str(path)}])
+        rows, report = load_sft_examples([{"path": str(path)}], max_drop_fraction=None)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -206,3 +206,67 @@ def test_huge_single_line_is_skipped_without_holding_it_in_memory(tmp_path: Path
     # Measured: ~4.8 MB peak for a 12.8 MB line; reading the line whole would need at least 12.8 MB.
     size = path.stat().st_size
     assert peak < 4 * MAX_LINE_BYTES < size, f"peak {peak / 1e6:.1f} MB skipping a {size / 1e6:.0f} MB line"
+
+
+# ------------------------------------------------------------- data.max_drop_fraction: mostly bad data stops
+
+
+MALFORMED_CASES = [case for case in CASES if case.expect == "drop" and sum(case.drops.values())]
+
+
+@pytest.mark.parametrize("case", MALFORMED_CASES, ids=[case.file for case in MALFORMED_CASES])
+def test_default_threshold_refuses_each_file_with_more_than_5_percent_malformed_rows(case: Case, tmp_path: Path):
+    path = _path_for(case, tmp_path)
+    source = {"path": str(path), **({"format": case.format} if case.format else {})}
+    loader = load_preference_examples if case.loader == "preference" else load_sft_examples
+    malformed = sum(case.drops.values())
+    rows_in = case.kept + malformed + case.deduplicated
+    assert malformed > 0.05 * rows_in  # every hostile file is far above the default
+    counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(case.drops.items(), key=lambda kv: -kv[1]))
+    with pytest.raises(DataError, match=rf"{malformed} of {rows_in} rows read \(.*\) are malformed, more than "
+                                        r"data\.max_drop_fraction = 0\.05 allows: ") as caught:
+        loader([source])
+    message = str(caught.value)
+    assert caught.value.path == str(path)
+    for reason, n in case.drops.items():
+        assert f"{reason}: {n}" in message
+    if len(case.drops) == 1:
+        assert counts in message
+    first_line, first_reason = next(iter(case.lines.items()))
+    assert f"line {first_line}: {first_reason} (" in message  # the first example, with what is wrong
+
+
+def _hostile_like_reported(path: Path, bad: int, good: int) -> str:
+    """`good` alpaca rows, then `bad` rows with a renamed column (question/answer instead of instruction/output)."""
+    rows = [{"instruction": f"{path.stem} Q{i}?", "output": f"A{i}."} for i in range(good)]
+    rows += [{"question": f"{path.stem} R{i}?", "answer": f"B{i}."} for i in range(bad)]
+    _write_lines(path, [json.dumps(row) for row in rows])
+    return str(path)
+
+
+def test_a_source_losing_10_of_32_rows_stops_instead_of_training_on_the_rest(tmp_path: Path):
+    path = _hostile_like_reported(tmp_path / "x.jsonl", bad=10, good=22)
+    with pytest.raises(DataError, match=r"x\.jsonl: 10 of 32 rows read \(31\.2%\) are malformed.*missing_fields: 10"
+                                        r".*First examples: line 23: missing_fields \(no fields of a known format "
+                                        r"\(keys: question, answer\).*`columns`.*null disables"):
+        load_sft_examples([{"path": path}])
+
+
+def test_threshold_is_inclusive_per_source_and_null_disables_it(tmp_path: Path):
+    at_limit = _hostile_like_reported(tmp_path / "at.jsonl", bad=1, good=19)  # exactly 5 %: allowed
+    rows, report = load_sft_examples([{"path": at_limit}])
+    assert (len(rows), report["malformed"]) == (19, 1)
+    over = _hostile_like_reported(tmp_path / "over.jsonl", bad=2, good=18)  # 10 %
+    with pytest.raises(DataError, match=r"over\.jsonl: 2 of 20 rows"):
+        load_sft_examples([{"path": at_limit}, {"path": over}])  # per source: the good one does not dilute it
+    rows, report = load_sft_examples([{"path": over}], max_drop_fraction=None)
+    assert (len(rows), report["malformed"], report["dropped"]) == (18, 2, 2)
+    rows, _ = load_sft_examples([{"path": over}], max_drop_fraction=0.1)
+    assert len(rows) == 18
+
+
+def test_duplicates_do_not_count_as_malformed(tmp_path: Path):
+    path = tmp_path / "dups.jsonl"
+    _write_lines(path, [json.dumps({"instruction": "Q?", "output": "A."})] * 10)
+    rows, report = load_sft_examples([{"path": str(path)}])
+    assert (len(rows), report["deduplicated"], report["malformed"]) == (1, 9, 0)

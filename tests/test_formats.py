@@ -55,7 +55,7 @@ def assert_reconciles(report: dict) -> None:
 
 
 def test_public_constants_name_the_source_keys_and_formats():
-    assert SOURCE_KEYS == {"path", "format", "split", "subset", "limit"}
+    assert SOURCE_KEYS == {"path", "format", "split", "subset", "revision", "columns", "limit", "fraction"}
     assert FORMATS == ("alpaca", "sharegpt", "messages", "preference")
 
 
@@ -131,7 +131,8 @@ def test_preference_constraints_travel_with_the_pair_as_json_text(tmp_path):
     assert json.loads(pair["constraints"]) == {"instruction_id_list": row["instruction_id_list"],
                                                "kwargs": row["kwargs"]}
     rows, report = load_preference_examples([{"path": write_lines(tmp_path / "bad.jsonl", [
-        {**row, "kwargs": [{}]}, {**row, "instruction_id_list": "punctuation:no_comma"}, row])}])
+        {**row, "kwargs": [{}]}, {**row, "instruction_id_list": "punctuation:no_comma"}, row])}],
+        max_drop_fraction=None)  # the drops are the point here; the threshold has its own tests
     assert rows == [pair] and report["drop_reasons"] == {"bad_constraints": 2}
 
 
@@ -199,7 +200,7 @@ def test_detection_prefers_preference_then_messages_then_sharegpt_then_alpaca(tm
 def test_explicit_format_drops_rows_without_its_fields(tmp_path):
     path = write_lines(tmp_path / "x.jsonl", [{"instruction": "A?", "output": "a"},
                                               {"messages": [msg("user", "M?"), msg("assistant", "m")]}])
-    rows, report = load_sft_examples([{"path": path, "format": "alpaca"}])
+    rows, report = load_sft_examples([{"path": path, "format": "alpaca"}], max_drop_fraction=None)
     assert len(rows) == 1
     assert report["drop_reasons"] == {"missing_fields": 1}
     assert report["sources"][0]["format"] == "alpaca"
@@ -227,7 +228,7 @@ def test_json_array_drops_are_reported_at_the_elements_line(tmp_path):
     path = tmp_path / "x.json"
     path.write_text('[\n  {"instruction": "A?", "output": "a"},\n  {"instruction": "no output"},\n  7\n]',
                     encoding="utf-8")
-    _, report = load_sft_examples([{"path": str(path)}])
+    _, report = load_sft_examples([{"path": str(path)}], max_drop_fraction=None)
     assert [(e["line"], e["reason"]) for e in report["sources"][0]["examples"]] == [
         (3, "missing_fields"), (4, "not_an_object")]
 
@@ -273,7 +274,7 @@ def test_report_counts_reconcile_per_source_and_in_total(tmp_path):
                                                                                       "output": "A"}, "junk"])
     second = write_lines(tmp_path / "b.jsonl", [{"messages": [msg("user", "Hi")]},
                                                 {"prompt": "P", "completion": "C"}])
-    rows, report = load_sft_examples([{"path": first}, {"path": second}])
+    rows, report = load_sft_examples([{"path": first}, {"path": second}], max_drop_fraction=None)
     assert (report["rows_in"], report["kept"], report["dropped"], report["deduplicated"]) == (5, 2, 2, 1)
     assert report["drop_reasons"] == {"not_an_object": 1, "no_assistant_turn": 1}
     assert len(rows) == report["kept"]
@@ -283,7 +284,7 @@ def test_report_counts_reconcile_per_source_and_in_total(tmp_path):
 def test_report_examples_name_line_reason_and_what_is_wrong(tmp_path):
     bad = {"messages": [msg("user", "Hi"), {"role": "assistant", "content": 5}]}
     path = write_lines(tmp_path / "x.jsonl", [{"instruction": "Q?", "output": "A"}, bad])
-    _, report = load_sft_examples([{"path": path}])
+    _, report = load_sft_examples([{"path": path}], max_drop_fraction=None)
     assert report["sources"][0]["examples"] == [
         {"line": 2, "reason": "wrong_type", "detail": "messages[1].content is int, expected a string"}]
 
