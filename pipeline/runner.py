@@ -60,10 +60,16 @@ PROCESS_WAIT = timedelta(hours=3)
 _T = TypeVar("_T")
 
 
-def _content_hash(path: str) -> str:
-    """Hash of a local data file, or the hub id itself for remote datasets."""
+def _content_hash(path: str, source: dict[str, Any] | None = None) -> str:
+    """Hash of a local data file, of the shards a local hub-style directory's split reads, or the hub id itself."""
     local = Path(path)
-    return file_sha256(local) if local.is_file() else f"remote:{path}"
+    if local.is_file():
+        return file_sha256(local)
+    if local.is_dir() and source is not None:  # a changed, added or removed shard re-runs prepare
+        from pipeline.data.formats import source_files
+
+        return fingerprint([(str(Path(f).relative_to(local)), file_sha256(Path(f))) for f in source_files(source)])
+    return f"remote:{path}"
 
 
 def _tokenizer_hash(model_cfg: dict[str, Any]) -> str:
@@ -84,7 +90,7 @@ def _prepare_part(recipe: Recipe, kind: str) -> dict[str, Any]:
     return {
         "enabled": getattr(recipe, kind) is not None,
         "sources": data[kind],
-        "hashes": {s["path"]: _content_hash(s["path"]) for s in data[kind]},
+        "hashes": {s["path"]: _content_hash(s["path"], s) for s in data[kind]},
         "split": {key: data[key] for key in ("eval_fraction", "max_eval_rows", "seed")},
         "tokenizer": _tokenizer_hash(recipe.model),
         "max_length": (getattr(recipe, kind) or {}).get("max_length"),

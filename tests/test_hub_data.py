@@ -365,3 +365,18 @@ def test_recipe_validation_checks_source_values_before_any_model_loads(tmp_path,
     raw["data"]["sft"] = [{"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft", "revision": "8049631",
                            "fraction": 0.5, "limit": 1000, "columns": {"conversation": "messages"}}]
     assert validate_recipe(raw).data["sft"] == raw["data"]["sft"]
+
+
+def test_a_changed_shard_of_a_hub_like_directory_changes_the_prepare_fingerprint(tmp_path: Path):
+    from pipeline.runner import _content_hash
+
+    root = write_hub_like(tmp_path / "uc", ULTRACHAT, ultrachat_row, {"train_sft": (6, 2), "test_sft": (2, 1)})
+    source = {"path": str(root), "split": "train_sft"}
+    before = _content_hash(str(root), source)
+    test_shard = next((root / "data").glob("test_sft-*"))
+    test_shard.write_bytes(test_shard.read_bytes() + b"\0")  # another split's shard: not read, same hash
+    assert _content_hash(str(root), source) == before
+    shard = sorted((root / "data").glob("train_sft-*"))[1]
+    pq.write_table(pa.Table.from_pylist([ultrachat_row("train_sft", 99)], schema=ULTRACHAT), shard)
+    assert _content_hash(str(root), source) != before
+    assert not _content_hash(str(root), source).startswith("remote:")
