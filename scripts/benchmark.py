@@ -198,43 +198,10 @@ def kept_logits_sft_trainer() -> type:
 
 
 def kept_logits_dpo_trainer() -> type:
-    """DPOTrainer (sigmoid loss only) whose log-probs come from logits at completion positions only.
+    """The pipeline's CPU DPO trainer: log-probs from the completion positions' logits only."""
+    from pipeline.stages.fast_loss import LabelledPositionsDPOTrainer
 
-    Same reason as :func:`kept_logits_sft_trainer`: TRL's fused head scores prompt and padding positions too,
-    with an fp32 backward, on CPU. Overrides the public ``compute_ref_log_probs`` and ``_compute_loss``.
-    """
-    import torch.nn.functional as F
-    from trl import DPOTrainer
-
-    def sequence_logps(model: Any, inputs: dict) -> torch.Tensor:
-        targets = inputs["input_ids"][:, 1:].masked_fill(inputs["completion_mask"][:, 1:] == 0, -100)
-        keep = (targets != -100).any(dim=0).nonzero().flatten()
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
-                       logits_to_keep=keep).logits
-        kept = targets[:, keep]
-        nll = F.cross_entropy(logits.float().transpose(1, 2), kept, ignore_index=-100, reduction="none")
-        return -nll.sum(dim=1)
-
-    class KeptLogitsDPOTrainer(DPOTrainer):
-        def compute_ref_log_probs(self, model, inputs):
-            with torch.no_grad(), self.accelerator.unwrap_model(self.model).disable_adapter():
-                return sequence_logps(self.model, inputs).chunk(2, dim=0)
-
-        def _compute_loss(self, model, inputs, return_outputs):
-            chosen, rejected = sequence_logps(model, inputs).chunk(2, dim=0)
-            if self.precompute_ref_logps:
-                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else:
-                ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
-            chosen_rewards = self.beta * (chosen - ref_chosen).detach()
-            rejected_rewards = self.beta * (rejected - ref_rejected).detach()
-            loss = -F.logsigmoid(self.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
-            metrics = self._metrics["train" if model.training else "eval"]
-            metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
-            metrics["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
-            return (loss, {}) if return_outputs else loss
-
-    return KeptLogitsDPOTrainer
+    return LabelledPositionsDPOTrainer
 
 
 # ----------------------------------------------------------------------------------------------- benchmarks
