@@ -1,4 +1,5 @@
-"""DPO loss computed from the completion positions only: the DPO stage's trainer (``stages/dpo.py``).
+"""Losses from the labelled positions only: the DPO stage's trainer (``stages/dpo.py``), and the turn-token
+rows' LM head for the SFT stage's trainer (``stages/sft.py``).
 
 TRL 1.16's ``DPOTrainer`` gets its log-probs from a fused LM head that, on devices without Triton (every
 CPU), projects *every* position (prompt and padding too) onto the whole vocabulary and runs the backward in
@@ -17,6 +18,7 @@ falls back too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from typing import Any
 
@@ -34,6 +36,56 @@ CHECKED_TRL = SpecifierSet(">=1.16,<1.17")  # the TRL versions whose DPO loss th
 HANDLED_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "robust", "apo_zero", "apo_down", "sigmoid_norm", "sft"})
 _BATCH_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 _NOT_MODEL_INPUTS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+# Causal LMs whose forward is ``logits = lm_head(decoder(...).last_hidden_state[:, logits_to_keep])`` with nothing
+# after the head when the config sets no logit softcapping (checked in transformers 5.23; tests cover llama, qwen2)
+_PLAIN_HEAD_MODELS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                      "Gemma3ForCausalLM", "Gemma2ForCausalLM"}
+
+
+@dataclasses.dataclass
+class TrainedTokenRows:
+    """The tied LM head of peft's trainable-token wrapper, computed without its 262k-row weight gradient.
+
+    peft builds ``W' = W.index_copy(rows, delta)`` and runs ``linear(h, W')``, so autograd computes the gradient
+    of the whole (vocabulary x hidden) matrix for the few trained rows (about 1.8 s of a 6-9 s gemma-3-270m SFT
+    step). ``linear(h, W)`` with the frozen ``W``, its trained columns replaced by ``linear(h, delta)``, is the
+    same function; its weight gradient is the (rows x hidden) one only. The parameters are peft's own, so the
+    saved adapter is unchanged.
+    """
+
+    backbone: Any
+    weight: torch.Tensor
+    rows: torch.Tensor
+    delta: torch.Tensor
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        frozen = F.linear(hidden, self.weight)
+        return frozen.index_copy(-1, self.rows, F.linear(hidden, self.delta.to(self.weight.dtype)))
+
+
+def trained_token_rows(model: Any) -> TrainedTokenRows | None:
+    """The two-part head for ``model`` when it is a PEFT model whose tied LM head is peft's trainable-token
+    wrapper with one active, unmerged adapter on a plain-head architecture; else None (use the model's forward)."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    if not is_peft_model(model):
+        return None
+    base = model.get_base_model()
+    head = base.get_output_embeddings()
+    config = base.config.get_text_config()
+    if (not isinstance(head, TrainableTokensWrapper) or type(base).__name__ not in _PLAIN_HEAD_MODELS
+            or getattr(config, "final_logit_softcapping", None) is not None):
+        return None
+    layer = head.token_adapter
+    active = layer.active_adapters
+    if layer.disable_adapters or layer.merged or len(active) != 1 or not isinstance(layer.base_layer, torch.nn.Linear):
+        return None
+    name = active[0]
+    rows = torch.tensor(layer.token_indices[name], device=layer.base_layer.weight.device)
+    return TrainedTokenRows(backbone=base.get_decoder(), weight=layer.base_layer.weight, rows=rows,
+                            delta=layer.trainable_tokens_delta[name])
 
 
 def unsupported_reason(args: Any, trl_version: str = trl.__version__) -> str | None:
