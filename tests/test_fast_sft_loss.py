@@ -1,0 +1,84 @@
+"""The SFT trainer's head for the trainable turn-token rows equals peft's wrapper: loss, gradients, saved adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from trl import SFTConfig
+
+from pipeline.config import MODEL_DEFAULTS
+from pipeline.models import load_tokenizer, template_token_ids
+from pipeline.stages.fast_loss import trained_token_rows
+from pipeline.stages.sft import LabelledPositionsSFTTrainer
+
+CONVERSATIONS = [[{"role": "user", "content": f"Name a fruit ({i})."},
+                  {"role": "assistant", "content": f"A pear, {i} times."}] for i in range(4)]
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def trainer(request, tmp_path):
+    from conftest import build_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_tiny_model(tmp_path / "model", arch=request.param)
+    tokenizer = load_tokenizer({**MODEL_DEFAULTS, "name_or_path": str(model_dir), "chat_template": "gemma"})
+    trainer = LabelledPositionsSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        args=SFTConfig(output_dir=str(tmp_path / "out"), assistant_only_loss=True, use_cpu=True, bf16=False,
+                       report_to="none", per_device_train_batch_size=2, max_steps=1, save_strategy="no"),
+        train_dataset=Dataset.from_list([{"messages": c} for c in CONVERSATIONS]),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.0,
+                               trainable_token_indices=template_token_ids(tokenizer)),
+    )
+    torch.manual_seed(0)
+    for name, param in trainer.model.named_parameters():  # LoRA B starts at zero, the rows at their base values
+        if "lora_B" in name or "trainable_tokens_delta" in name:
+            param.data.add_(torch.randn_like(param) * 0.2)
+    trainer.model_dir = model_dir
+    return trainer
+
+
+def _loss_and_grads(model, compute):
+    model.zero_grad(set_to_none=True)
+    loss = compute()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_turn_token_rows_head_gives_the_wrappers_loss_and_gradients(trainer):
+    model = trainer.model
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert trained_token_rows(model) is not None  # the two-part head is the path under test
+    expected = _loss_and_grads(model, lambda: model(**batch, use_cache=False).loss)
+    ours = _loss_and_grads(model, lambda: trainer.compute_loss(model, dict(batch)))
+    torch.testing.assert_close(ours[0], expected[0], rtol=1e-5, atol=1e-6)
+    assert any("trainable_tokens_delta" in n for n in expected[1])
+    for name, grad in expected[1].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(ours[1][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_the_trained_rows_save_an_adapter_stock_peft_loads_with_the_same_weights(trainer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trainer.train()
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trainer.model_dir), tmp_path / "adapter")
+    ours = {n: p for n, p in trainer.model.state_dict().items() if "lora_" in n or "trainable_tokens_delta" in n}
+    theirs = loaded.state_dict()
+    assert ours and all(torch.equal(p, theirs[n]) for n, p in ours.items())
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trainer.model.eval()(input_ids=ids).logits)
+
+
+def test_without_trainable_rows_the_models_own_head_is_used(tiny_model_dir):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, target_modules="all-linear"))
+    assert trained_token_rows(plain) is None
+    assert trained_token_rows(AutoModelForCausalLM.from_pretrained(tiny_model_dir)) is None
