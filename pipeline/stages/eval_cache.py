@@ -19,7 +19,7 @@ from pipeline.artifacts import atomic_write_json, fingerprint, library_versions
 from pipeline.gguf import default_cache_dir, file_sha256
 from pipeline.models import resolve_dtype, resolve_model_path
 
-CACHE_VERSION = 1  # bump when what a cached entry holds or means changes
+CACHE_VERSION = 2  # bump when what a cached entry holds or means changes
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+from pathlib import Path
 from typing import Any
 
 from datasets import load_from_disk
@@ -75,6 +76,8 @@ def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversat
               "settings; delete the file to recompute)", flush=True)
         if cached["logps"] is not None:
             logps[name] = [tuple(pair) for pair in cached["logps"]]
+        if cached.get("losses") is not None:  # per-answer scores: the held-out loss's interval needs them
+            losses[name] = cached["losses"]
         atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl", cached["generations"])
         return cached["metrics"]
     model, tokenizer = _load_for(ctx, name)
@@ -98,7 +101,8 @@ def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversat
     rows = [{"key": p.get("key"), "prompt": p["prompt"], **o} for p, o in zip(prompts, outputs, strict=True)]
     generations = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl", generations)
-    eval_cache.store(cache, {"metrics": metrics, "logps": logps.get(name), "generations": generations})
+    eval_cache.store(cache, {"metrics": metrics, "logps": logps.get(name), "losses": losses.get(name),
+                             "generations": generations})
     del model
     gc.collect()
     return metrics
