@@ -68,9 +68,12 @@ class TrainedTokenRows:
 def trained_token_rows(model: Any) -> TrainedTokenRows | None:
     """The two-part head for ``model`` when it is a PEFT model whose tied LM head is peft's trainable-token
     wrapper with one active, unmerged adapter on a plain-head architecture; else None (use the model's forward)."""
+    from peft import PeftModel
     from peft.utils.other import TrainableTokensWrapper
 
-    if not is_peft_model(model):
+    # Only the bare PEFT model: a DDP / FSDP / DeepSpeed wrapper must run its own forward, which is where it
+    # hooks in the gradient synchronisation (calling the backbone inside it would bypass that).
+    if not isinstance(model, PeftModel):
         return None
     base = model.get_base_model()
     head = base.get_output_embeddings()
