@@ -107,7 +107,7 @@ def unsupported_reason(args: Any, trl_version: str = trl.__version__) -> str | N
     return f"{', '.join(refused)} is not handled" if refused else None
 
 
-def _completion_logps(model: Any, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _completion_logps(model: Any, inputs: dict[str, Any], statistics: bool = True) -> dict[str, torch.Tensor]:
     """Per-token log-probs (and the logged statistics) of each row's completion, from kept positions only.
 
     Position ``p`` predicts token ``p + 1``; it is kept when that token is a completion token in any row
@@ -123,6 +123,8 @@ def _completion_logps(model: Any, inputs: dict[str, Any]) -> dict[str, torch.Ten
     # log_softmax casts to float32 itself: TRL's head also folds the logits in float32
     logps = F.log_softmax(logits, dim=-1, dtype=torch.float32)
     per_token = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+    if not statistics:  # the reference needs only the log-probs: skip two more (rows x positions x vocab) tensors
+        return {"per_token": per_token, "mask": mask}
     with torch.no_grad():  # the statistics TRL's fused head returns for its metrics
         entropy = -(logps.exp() * logps).sum(-1)
         mean_logits = logits.float().mean(-1)
@@ -180,7 +182,7 @@ class LabelledPositionsDPOTrainer(DPOTrainer):
             return super().compute_ref_log_probs(model, inputs)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               self._reference_context(), self.accelerator.autocast()):
-            ref_logps = _completion_logps(model, inputs)["per_token"].sum(dim=1)
+            ref_logps = _completion_logps(model, inputs, statistics=False)["per_token"].sum(dim=1)
         return ref_logps.chunk(2, dim=0)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -204,7 +206,7 @@ class LabelledPositionsDPOTrainer(DPOTrainer):
             with (torch.no_grad(),
                   disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
                   self._reference_context()):
-                ref_logps = _completion_logps(reference, inputs)["per_token"].sum(dim=1)
+                ref_logps = _completion_logps(reference, inputs, statistics=False)["per_token"].sum(dim=1)
             ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2, dim=0)
 
         chosen_logratios = chosen_logps - ref_chosen_logps
