@@ -126,3 +126,23 @@ def test_installed_trl_is_the_version_the_fast_dpo_loss_was_checked_against():
         f"TRL {trl.__version__} is installed but pipeline/stages/fast_loss.py was proven equal to TRL {CHECKED_TRL}: "
         "re-read TRL's DPOTrainer._compute_loss, re-run this file's equality tests and then widen CHECKED_TRL."
     )
+
+
+def test_the_stages_held_out_evaluation_keeps_no_logits_and_uses_the_labelled_positions(tiny_model_dir, tmp_path):
+    """With the Trainer's defaults, evaluation asks compute_loss for the logits (TRL's all-positions head) and
+    keeps every eval batch's (positions x vocabulary) tensor: the stages' arguments turn both off."""
+    from pathlib import Path
+
+    from pipeline.stages.training import trainer_arguments
+
+    settings = trainer_arguments({"per_device_train_batch_size": 2, "max_length": 64, "report_to": "none"},
+                                 {**MODEL_DEFAULTS, "dtype": "float32"}, Path(tmp_path))
+    assert settings["prediction_loss_only"] is True and settings["per_device_eval_batch_size"] == 2
+    trainer = _build(tiny_model_dir, tmp_path, prediction_loss_only=True, per_device_eval_batch_size=2)
+    metrics = trainer.evaluate(trainer.train_dataset)
+    assert trainer.loss_path == "labelled_positions"
+    assert "eval_rewards/accuracies" in metrics and "eval_loss" in metrics
+    # the recipe still decides when it sets them
+    override = trainer_arguments({"per_device_train_batch_size": 2, "per_device_eval_batch_size": 4,
+                                  "prediction_loss_only": False}, MODEL_DEFAULTS, Path(tmp_path))
+    assert override["per_device_eval_batch_size"] == 4 and override["prediction_loss_only"] is False
