@@ -28,9 +28,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline import estimate
 from pipeline.artifacts import (
     FILES,
     IN_PROGRESS,
+    MANIFEST,
     atomic_write_json,
     explain_write_failures,
     file_sha256,
@@ -271,6 +273,7 @@ def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None 
         log = _quiet  # the main process speaks for all
     outcomes: list[StageOutcome] = []
     hashed: set[str] = set()  # stages whose files were hashed in this run (checked, or written by it)
+    announced = False
     with contextlib.ExitStack() as held:
         roles.decide(lambda: held.enter_context(run_lock(recipe.output_dir)))  # a busy directory stops all
         for name in enabled:
@@ -281,6 +284,9 @@ def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None 
                 if not roles.is_main:
                     break
                 roles.alone = True
+            if name != "prepare" and not announced and roles.is_main:
+                announced = True  # prepare's output exists from here on: count the work, say how long it takes
+                _announce_estimate(recipe, stage, from_stage, force, log)
             plan = roles.decide(lambda name=name: _plan_stage(recipe, name, selected, force, from_stage, log,
                                                               verify, hashed))
             if isinstance(plan, StageOutcome) or plan is None:
@@ -294,6 +300,26 @@ def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None 
 
 def _quiet(_: str) -> None:
     pass
+
+
+def _announce_estimate(recipe: Recipe, stage: str | None, from_stage: str | None, force: bool,
+                       log: Callable[[str], None]) -> None:
+    """Print how long the model stages about to run will take here (``pipeline.estimate``); never stops a run."""
+    if not estimate.enabled() or not (recipe.stage_dir("prepare") / MANIFEST).is_file():
+        return
+    plans = {p.stage: p for p in plan_recipe(recipe, stage, from_stage, force)}
+    running = [s for s in ("sft", "dpo", "eval") if s in plans and plans[s].action in ("run", "re-run", "resume")]
+    if not running:
+        return
+    try:
+        estimates = estimate.estimate(recipe, running, recipe.stage_dir("prepare"))
+    except Exception as error:  # noqa: BLE001 - an estimate is a courtesy: say why there is none and go on
+        log(f"(no time estimate: {type(error).__name__}: {error})")
+        return
+    for item in estimates:
+        if plans[item.stage].action == "resume":
+            item.detail += f"; resumes {plans[item.stage].reason}, so less"
+    log(estimate.describe(estimates))
 
 
 @dataclasses.dataclass

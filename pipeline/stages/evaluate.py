@@ -69,7 +69,7 @@ def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversat
     ``losses[name]`` (per-answer held-out log-probs, for the loss's interval)."""
     cfg = ctx.recipe.eval
     # The base model never changes: its results come from the user cache when it holds this exact evaluation.
-    cache = _base_cache_path(ctx, prompts, conversations, pairs, name in needed) if name == "base" else None
+    cache = base_cache_path(ctx.recipe, prompts, conversations, pairs, name in needed) if name == "base" else None
     cached = eval_cache.load(cache)
     if cached is not None:
         print(f"  {name}: evaluation read from the cache {cache} (same model, eval data and generation "
@@ -108,22 +108,41 @@ def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversat
     return metrics
 
 
-def _base_cache_path(ctx: StageContext, prompts: list[dict], conversations: list, pairs: list,
-                     scores_pairs: bool) -> Path | None:
+def base_cache_path(recipe: Any, prompts: list[dict], conversations: list, pairs: list,
+                    scores_pairs: bool) -> Path | None:
     """The base model's cache entry for exactly this evaluation (see ``stages/eval_cache.py``)."""
-    cfg = ctx.recipe.eval
+    cfg = recipe.eval
     settings = {"max_new_tokens": cfg["max_new_tokens"], "batch_size": cfg["batch_size"],
                 "continuous": "base" not in cfg["padded_batches"], "scores_pairs": bool(pairs) and scores_pairs}
     inputs = {"prompts": prompts, "conversations": conversations, "pairs": pairs if scores_pairs else []}
-    return eval_cache.cache_path(ctx.recipe.model, load_tokenizer(ctx.recipe.model), inputs, settings)
+    return eval_cache.cache_path(recipe.model, load_tokenizer(recipe.model), inputs, settings)
 
 
-def _held_out(ctx: StageContext, split: str) -> list[dict]:
-    path = ctx.upstream_dir("prepare") / split
+def _held_out(prepared: Path, split: str) -> list[dict]:
+    path = prepared / split
     if not path.exists():
         return []
     rows = load_from_disk(str(path))
     return list(rows.select(range(min(MAX_HELDOUT_ROWS, len(rows)))))
+
+
+def eval_inputs(recipe: Any, prepared: Path) -> tuple[list[dict], list[list[dict]], list[dict]]:
+    """What the stage evaluates: the prompts, the held-out conversations it scores and the preference pairs."""
+    cfg = recipe.eval
+    if not cfg["prompts"]:
+        raise PipelineError("eval.prompts must name a JSONL of held-out prompts (IFEval-style).")
+    prompts = load_prompts(cfg["prompts"], cfg["max_prompts"])
+    # Held-out loss: on the eval prompts' reference answers where the file has them, else the SFT split.
+    conversations = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["reference"]}]
+                     for p in prompts if isinstance(p.get("reference"), str) and p["reference"].strip()]
+    if not conversations:
+        conversations = [row["messages"] for row in _held_out(prepared, "sft_eval")]
+    if cfg["preferences"]:
+        tokenizer = load_tokenizer(recipe.model)
+        pairs, _ = load_preference_examples([{"path": cfg["preferences"]}], control_tokens=control_tokens(tokenizer))
+    else:
+        pairs = _held_out(prepared, "dpo_eval")
+    return prompts, conversations[:MAX_HELDOUT_ROWS], pairs[: cfg["max_pairs"]]
 
 
 def _add_intervals(ctx: StageContext, metrics: dict[str, dict], prompts: list[dict], pairs: list,
@@ -152,21 +171,7 @@ def _add_intervals(ctx: StageContext, metrics: dict[str, dict], prompts: list[di
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.recipe.eval
-    if not cfg["prompts"]:
-        raise PipelineError("eval.prompts must name a JSONL of held-out prompts (IFEval-style).")
-    prompts = load_prompts(cfg["prompts"], cfg["max_prompts"])
-    # Held-out loss: on the eval prompts' reference answers where the file has them, else the SFT split.
-    conversations = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["reference"]}]
-                     for p in prompts if isinstance(p.get("reference"), str) and p["reference"].strip()]
-    if not conversations:
-        conversations = [row["messages"] for row in _held_out(ctx, "sft_eval")]
-    conversations = conversations[:MAX_HELDOUT_ROWS]
-    if cfg["preferences"]:
-        tokenizer = load_tokenizer(ctx.recipe.model)
-        pairs, _ = load_preference_examples([{"path": cfg["preferences"]}], control_tokens=control_tokens(tokenizer))
-    else:
-        pairs = _held_out(ctx, "dpo_eval")
-    pairs = pairs[: cfg["max_pairs"]]
+    prompts, conversations, pairs = eval_inputs(ctx.recipe, ctx.upstream_dir("prepare"))
     # In pipeline order, so each reference is scored before the stage that uses it.
     names = [n for n in ("base", "sft", "dpo") if n in cfg["models"] and (n == "base" or n in ctx.upstream)]
     needed = {n for n in names if n in REFERENCE} | {REFERENCE[n] for n in names if n in REFERENCE}

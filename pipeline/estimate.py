@@ -1,0 +1,307 @@
+"""How long the stages about to run will take on this machine, said before the long work starts.
+
+The estimate is the stages' counted work (tokens of the prepared data, positions that carry a label, the eval
+set's prompts and pairs) times what the model costs here, from a short calibration of the recipe's model with
+its LoRA: forward + backward per token and per labelled position, forward per token and per scored position,
+one decoding step at the eval batch size, and the time to load it. The calibration takes seconds and is kept
+in the user cache (``$PIPELINE_CACHE`` or ``~/.cache/instruct-pipeline``, under ``calibration/``) per machine,
+model, dtype, LoRA settings and library versions. What it leaves out (optimizer steps, checkpoint saves,
+dataloading) is small next to the model compute; docs/performance.md compares estimates with measured stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from datasets import load_from_disk
+
+from pipeline.artifacts import atomic_write_json, fingerprint, library_versions
+from pipeline.gguf import default_cache_dir
+from pipeline.models import resolve_device, resolve_dtype
+
+CALIBRATION_VERSION = 1
+_TOKENS = 256  # calibration sequence length
+_DECODE_STEPS = 16
+
+
+@dataclasses.dataclass
+class Speeds:
+    """Seconds per unit of work for the recipe's model on this machine."""
+
+    train_token: float       # backbone forward + backward (LoRA), per token
+    train_position: float    # LM head + log-softmax forward + backward, per labelled position
+    score_token: float       # backbone forward without gradient, per token
+    score_position: float    # LM head + log-softmax forward, per scored position
+    decode_step: float       # one greedy decoding step at the eval batch size
+    load: float              # loading the model
+
+
+def machine_key() -> dict[str, Any]:
+    """What makes one machine's speed differ from another's."""
+    flags: list[str] = []
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = sorted(f for f in line.split(":", 1)[1].split()
+                               if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+                break
+    except OSError:
+        pass
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": model, "flags": flags, "threads": torch.get_num_threads(), "cuda": cuda}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Any, device: str, reps: int = 2) -> float:
+    fn()  # warm-up: allocator, kernels chosen
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - started) / reps
+
+
+def _calibration_text(tokenizer: Any) -> torch.Tensor:
+    text = ("Write a short answer in plain words, then stop. The quick brown fox jumps over the lazy dog, "
+            "and the river runs past the old mill to the sea. ")
+    ids = tokenizer(text * 64, add_special_tokens=False)["input_ids"][:_TOKENS]
+    return torch.tensor([ids])
+
+
+def calibrate(recipe: Any) -> Speeds:
+    """Time the recipe's model here (about 10-20 s for gemma-3-270m on 2 CPU cores), or read the cached result."""
+    from pipeline.models import load_base_model, load_tokenizer, lora_config, resolve_model_path
+
+    key = {"version": CALIBRATION_VERSION, "machine": machine_key(), "model": resolve_model_path(
+        recipe.model["name_or_path"]), "dtype": str(resolve_dtype(recipe.model)), "lora": recipe.lora,
+        "batch": recipe.eval.get("batch_size") if recipe.eval else None, "versions": library_versions()}
+    path = default_cache_dir() / "calibration" / f"{fingerprint(key)}.json"
+    try:
+        return Speeds(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        pass
+    print("  timing the model on this machine for the estimate (once per machine and model) ...", flush=True)
+    device = resolve_device(recipe.model)
+    tokenizer = load_tokenizer(recipe.model)
+    started = time.perf_counter()
+    model = load_base_model(recipe.model)
+    load = time.perf_counter() - started
+    ids = _calibration_text(tokenizer).to(model.device)
+    n = ids.shape[1]
+    every, one = torch.arange(n - 1, device=model.device), torch.tensor([n - 2], device=model.device)
+    speeds = {"load": load}
+
+    from pipeline.inference import generate
+    from pipeline.models import configure_generation
+
+    configure_generation(model, tokenizer)
+    batch = (recipe.eval or {}).get("batch_size") or 16
+    prompt = tokenizer.decode(ids[0, :24])
+    model.eval()
+    elapsed = time.perf_counter()
+    generate(model, tokenizer, [[{"role": "user", "content": prompt}]] * batch, max_new_tokens=_DECODE_STEPS,
+             batch_size=batch, continuous=False)
+    speeds["decode_step"] = (time.perf_counter() - elapsed) / _DECODE_STEPS
+
+    def scoring(keep: torch.Tensor) -> Any:
+        def run() -> None:
+            with torch.no_grad():
+                logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+                F.log_softmax(logits, dim=-1, dtype=torch.float32)
+        return run
+
+    score_one, score_all = _timed(scoring(one), device), _timed(scoring(every), device)
+    speeds["score_token"] = score_one / n
+    speeds["score_position"] = max(score_all - score_one, 0.0) / (n - 2)
+
+    from peft import get_peft_model
+
+    from pipeline.stages.fast_loss import trained_token_rows
+
+    peft_model = get_peft_model(model, lora_config(recipe.lora, tokenizer))
+    peft_model.train()
+    targets = ids[0, 1:]
+
+    def training(keep: torch.Tensor) -> Any:
+        def run() -> None:  # what the SFT stage's loss does (stages/sft.py), without the trainer around it
+            rows = trained_token_rows(peft_model)
+            if rows is None:
+                logits = peft_model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+            else:
+                logits = rows.logits(rows.backbone(input_ids=ids, use_cache=False).last_hidden_state[:, keep])
+            logps = F.log_softmax(logits.flatten(0, 1), dim=-1, dtype=torch.float32)
+            F.nll_loss(logps, targets[keep]).backward()
+            peft_model.zero_grad(set_to_none=True)
+        return run
+
+    train_one, train_all = _timed(training(one), device), _timed(training(every), device)
+    speeds["train_token"] = train_one / n
+    speeds["train_position"] = max(train_all - train_one, 0.0) / (n - 2)
+    result = Speeds(**speeds)
+    try:
+        atomic_write_json(path, dataclasses.asdict(result))
+    except OSError:
+        pass  # a read-only cache only costs the calibration next time
+    return result
+
+
+# ------------------------------------------------------------------------------------------- work
+def _tokens(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+def _answer_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    """Tokens of the assistant turns, each with its end-of-turn."""
+    return sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) + 1
+               for m in messages if m["role"] == "assistant")
+
+
+def _pair_work(tokenizer: Any, pairs: Any) -> tuple[int, int]:
+    """(tokens, completion positions) of chosen + rejected, which share a forward padded to the longer."""
+    tokens = positions = 0
+    for row in pairs:
+        prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+        lengths = []
+        for side in ("chosen", "rejected"):
+            answer = row[side] if isinstance(row[side], list) else [{"role": "assistant", "content": row[side]}]
+            lengths.append(_tokens(tokenizer, prompt + answer))
+            positions += _answer_tokens(tokenizer, answer)
+        tokens += 2 * max(lengths)
+    return tokens, positions
+
+
+def _epochs(section: dict[str, Any], sequences: int) -> float:
+    """Passes over the data: ``num_train_epochs``, or what ``max_steps`` covers of it when set."""
+    epochs = float(section.get("num_train_epochs", 3))
+    max_steps = int(section.get("max_steps", -1) or -1)
+    if max_steps > 0 and sequences:
+        per_step = int(section.get("per_device_train_batch_size", 8)) * int(section.get("gradient_accumulation_steps", 1))
+        epochs = max_steps / math.ceil(sequences / per_step)
+    return epochs
+
+
+@dataclasses.dataclass
+class StageEstimate:
+    stage: str
+    seconds: float
+    detail: str
+
+
+def _sft(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds) -> StageEstimate:
+    train = load_from_disk(str(prepared / "sft_train"))
+    tokens = sum(_tokens(tokenizer, row["messages"]) for row in train)
+    labelled = sum(_answer_tokens(tokenizer, row["messages"]) for row in train)
+    packed = recipe.sft.get("packing", False) and recipe.sft.get("max_length")
+    epochs = _epochs(recipe.sft, math.ceil(tokens / recipe.sft["max_length"]) if packed else len(train))
+    seconds = speeds.load + epochs * (tokens * speeds.train_token + labelled * speeds.train_position)
+    held = prepared / "sft_eval"
+    if held.exists():
+        rows = load_from_disk(str(held))
+        seconds += sum(_tokens(tokenizer, r["messages"]) * speeds.score_token
+                       + _answer_tokens(tokenizer, r["messages"]) * speeds.score_position for r in rows)
+    return StageEstimate("sft", seconds, f"{epochs:.3g} epoch(s) of {tokens:,} tokens, {labelled:,} labelled")
+
+
+def _dpo(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds) -> StageEstimate:
+    pairs = load_from_disk(str(prepared / "dpo_train"))
+    tokens, positions = _pair_work(tokenizer, pairs)
+    epochs = _epochs(recipe.dpo, len(pairs))
+    seconds = 3 * speeds.load + epochs * (tokens * speeds.train_token + positions * speeds.train_position)
+    if recipe.dpo.get("precompute_ref_log_probs", False):
+        seconds += tokens * speeds.score_token + positions * speeds.score_position
+    else:  # a reference forward at every step
+        seconds += epochs * (tokens * speeds.score_token + positions * speeds.score_position)
+    if (prepared / "dpo_eval").exists():
+        held_tokens, held_positions = _pair_work(tokenizer, load_from_disk(str(prepared / "dpo_eval")))
+        seconds += 2 * (held_tokens * speeds.score_token + held_positions * speeds.score_position)
+    return StageEstimate("dpo", seconds, f"{epochs:.3g} epoch(s) of {tokens:,} tokens, {positions:,} in answers")
+
+
+def _eval(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds) -> StageEstimate:
+    from pipeline.stages.evaluate import REFERENCE, base_cache_path, eval_inputs
+
+    cfg = recipe.eval
+    prompts, conversations, pairs = eval_inputs(recipe, prepared)
+    # the eval stage evaluates every model of eval.models whose stage the recipe has, each time it runs
+    names = [n for n in ("base", "sft", "dpo") if n in cfg["models"] and (n == "base" or n in recipe.enabled_stages())]
+    needed = {n for n in names if n in REFERENCE} | {REFERENCE[n] for n in names if n in REFERENCE}
+    held = (sum(_tokens(tokenizer, c) for c in conversations), sum(_answer_tokens(tokenizer, c) for c in conversations))
+    pair_tokens, pair_positions = _pair_work(tokenizer, pairs)
+    # A trained model answers about as long as its training answers do; the base model never stops.
+    train = load_from_disk(str(prepared / "sft_train")) if (prepared / "sft_train").exists() else []
+    answers = [_answer_tokens(tokenizer, row["messages"]) for row in train]
+    typical = min(sum(answers) / len(answers), cfg["max_new_tokens"]) if answers else cfg["max_new_tokens"]
+    batch = cfg["batch_size"]
+    seconds, cached = 0.0, []
+    for name in names:
+        if name == "base":
+            path = base_cache_path(recipe, prompts, conversations, pairs, "base" in needed)
+            if path is not None and path.is_file():
+                cached.append(name)
+                continue
+        seconds += speeds.load + held[0] * speeds.score_token + held[1] * speeds.score_position
+        if pairs and name in needed:
+            seconds += pair_tokens * speeds.score_token + pair_positions * speeds.score_position
+        if name in cfg["padded_batches"]:
+            steps = math.ceil(len(prompts) / batch) * cfg["max_new_tokens"]
+        else:
+            steps = math.ceil(len(prompts) * typical / batch)
+        seconds += steps * speeds.decode_step
+    detail = f"{len(prompts)} prompts x {len(names) - len(cached)} model(s)"
+    return StageEstimate("eval", seconds, detail + (f"; {', '.join(cached)} read from the cache" if cached else ""))
+
+
+def estimate(recipe: Any, stages: list[str], prepared: Path) -> list[StageEstimate]:
+    """Estimated wall time of each of ``stages`` (of sft, dpo, eval) once ``prepared`` holds prepare's output."""
+    return estimate_with(recipe, stages, prepared, calibrate(recipe))
+
+
+def estimate_with(recipe: Any, stages: list[str], prepared: Path, speeds: Speeds) -> list[StageEstimate]:
+    from pipeline.models import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
+    out = []
+    if "sft" in stages:
+        out.append(_sft(recipe, prepared, tokenizer, speeds))
+    if "dpo" in stages:
+        out.append(_dpo(recipe, prepared, tokenizer, speeds))
+    if "eval" in stages and recipe.eval:
+        out.append(_eval(recipe, prepared, tokenizer, speeds))
+    return out
+
+
+def describe(estimates: list[StageEstimate]) -> str:
+    machine = machine_key()
+    where = machine["cuda"] or f"{machine['cpu']} ({', '.join(machine['flags']) or 'no avx2'}), " \
+                              f"{machine['threads']} threads"
+    lines = [f"Estimated time on this machine ({where}):"]
+    for item in estimates:
+        lines.append(f"  {item.stage:<5} ~{_minutes(item.seconds):>7}   {item.detail}")
+    total = sum(item.seconds for item in estimates)
+    lines.append(f"  total ~{_minutes(total)} (model compute from a short calibration; the progress bars refine it)")
+    return "\n".join(lines)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def enabled() -> bool:
+    return os.environ.get("PIPELINE_ESTIMATE", "1") != "0"

@@ -1,0 +1,90 @@
+"""The time estimate said before the long work: what it counts, when it is said, and that it never stops a run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from datasets import load_from_disk
+
+from pipeline import estimate
+from pipeline.config import apply_overrides, validate_recipe
+from pipeline.runner import run_recipe
+
+
+@pytest.fixture
+def estimating(monkeypatch, tmp_path):
+    monkeypatch.setenv("PIPELINE_ESTIMATE", "1")
+    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "calibration"
+
+
+def _run(raw: dict, *overrides: str) -> tuple[dict[str, str], list[str]]:
+    lines: list[str] = []
+    recipe = validate_recipe(apply_overrides(raw, overrides))
+    return {o.stage: o.action for o in run_recipe(recipe, log=lines.append)}, lines
+
+
+def _with_eval(raw: dict, tmp_path: Path) -> dict:
+    prompts = tmp_path / "eval.jsonl"
+    prompts.write_text("".join(json.dumps({"key": i, "prompt": f"Say hello number {i}.",
+                                           "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}) + "\n" for i in range(3)))
+    return {**raw, "eval": {"prompts": str(prompts), "models": ["base", "sft", "dpo"], "max_new_tokens": 8,
+                            "batch_size": 2}}
+
+
+def test_the_estimate_comes_before_the_first_model_stage_and_names_each_stage_to_run(tiny_recipe, tmp_path,
+                                                                                     estimating):
+    outcomes, lines = _run(_with_eval(tiny_recipe, tmp_path))
+    assert outcomes == {"prepare": "ran", "sft": "ran", "dpo": "ran", "eval": "ran"}
+    said = next(i for i, line in enumerate(lines) if line.startswith("Estimated time on this machine"))
+    first_model_stage = next(i for i, line in enumerate(lines) if line.startswith("[sft] running"))
+    assert lines.index(next(x for x in lines if x.startswith("[prepare]"))) < said < first_model_stage
+    text = lines[said]
+    for stage in ("sft", "dpo", "eval"):
+        assert f"\n  {stage} " in text
+    assert "3 prompts x 3 model(s)" in text  # base, sft and dpo are all evaluated
+    assert len(list(estimating.glob("*.json"))) == 1  # the calibration is kept for the next run
+
+    # up to date: nothing to estimate; a changed DPO setting: DPO and eval only, the calibration read back
+    _, lines = _run(_with_eval(tiny_recipe, tmp_path))
+    assert not any(line.startswith("Estimated time") for line in lines)
+    _, lines = _run(_with_eval(tiny_recipe, tmp_path), "dpo.learning_rate=5e-3")
+    text = next(line for line in lines if line.startswith("Estimated time"))
+    assert "\n  dpo " in text and "\n  eval " in text and "\n  sft " not in text
+    assert "read from the cache" in text  # the base model's evaluation was cached by the first run
+    assert len(list(estimating.glob("*.json"))) == 1
+
+
+def test_the_work_counted_follows_the_recipe(tiny_recipe, estimating):
+    recipe = validate_recipe(tiny_recipe)
+    _run(tiny_recipe)
+    prepared = recipe.stage_dir("prepare")
+    speeds = estimate.Speeds(train_token=1.0, train_position=0.0, score_token=0.0, score_position=0.0,
+                             decode_step=0.0, load=0.0)
+    four, = estimate.estimate_with(recipe, ["sft"], prepared, speeds)
+    eight, = estimate.estimate_with(validate_recipe(apply_overrides(tiny_recipe, ["sft.max_steps=8"])), ["sft"],
+                                    prepared, speeds)
+    assert eight.seconds == pytest.approx(2 * four.seconds)  # twice the steps, twice the tokens
+    tokens = int(four.detail.split(" of ")[1].split(" tokens")[0].replace(",", ""))
+    rows = len(load_from_disk(str(prepared / "sft_train")))
+    assert four.seconds == pytest.approx(tokens * 4 / math.ceil(rows / 2))  # 4 steps of 2 rows, one second a token
+
+
+def test_a_failing_estimate_says_why_and_the_run_goes_on(tiny_recipe, estimating, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no calibration here")
+
+    monkeypatch.setattr(estimate, "calibrate", broken)
+    outcomes, lines = _run(tiny_recipe)
+    assert outcomes == {"prepare": "ran", "sft": "ran", "dpo": "ran"}
+    assert "(no time estimate: RuntimeError: no calibration here)" in lines
+
+
+def test_switched_off_with_the_environment(tiny_recipe, estimating, monkeypatch):
+    monkeypatch.setenv("PIPELINE_ESTIMATE", "0")
+    _, lines = _run(tiny_recipe)
+    assert not any(line.startswith("Estimated time") for line in lines)
+    assert not estimating.exists()
