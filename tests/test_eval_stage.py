@@ -238,6 +238,20 @@ def test_continuous_batching_generation_of_answers_longer_than_a_cache_page(tiny
     assert max(r["new_tokens"] for r in results) > page
 
 
+def test_continuous_batching_prefills_in_chunks_with_the_same_answers(tiny_model_dir, monkeypatch):
+    """``MAX_BATCH_TOKENS`` caps the tokens of one forward (prompts are then prefilled over several): the memory
+    fix for the quickstart's eval; the answers stay those of one prompt at a time."""
+    from pipeline import inference
+
+    model, tokenizer, convs, one_at_a_time = _tiny_generator(tiny_model_dir)
+    expected = [one_at_a_time(c, 8) for c in convs]
+    shortest = min(len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)
+                       ["input_ids"]) for c in convs)
+    monkeypatch.setattr(inference, "MAX_BATCH_TOKENS", shortest // 2)  # every prompt needs two forwards or more
+    results = inference.generate(model, tokenizer, convs, max_new_tokens=8, batch_size=3)
+    _check_against(expected, results, list(model.generation_config.eos_token_id), tokenizer)
+
+
 def test_padded_generation_matches_greedy_generate_one_prompt_at_a_time(tiny_model_dir):
     """Left-padded batches of mixed prompt lengths give each prompt its own greedy answer, in input order;
     a stop ends its answer while the rest of the batch decodes on."""
