@@ -80,6 +80,25 @@ def _encode_completion(tokenizer: Any, prompt: list[dict[str, str]],
     return list(full), len(full) - len(prefix)
 
 
+MAX_SCORED_POSITIONS = 1024  # rows x kept positions per scoring forward: 1 GiB of fp32 logits at 262k tokens
+
+
+def _position_batches(order: list[int], completion_lengths: list[int], batch_size: int) -> list[list[int]]:
+    """``order`` cut into batches of at most ``batch_size`` rows whose logits (rows x the batch's longest
+    completion) stay within ``MAX_SCORED_POSITIONS`` (a row alone may exceed it)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        widest = max(longest, completion_lengths[i])
+        if current and (len(current) == batch_size or (len(current) + 1) * widest > MAX_SCORED_POSITIONS):
+            batches.append(current)
+            current, widest = [], completion_lengths[i]
+        current.append(i)
+        longest = widest
+    return batches + ([current] if current else [])
+
+
 @torch.inference_mode()
 def completion_logps_batched(model: Any, tokenizer: Any, items: list[tuple[list[dict], list[dict]]], *,
                              batch_size: int = 8) -> list[tuple[float, int]]:
@@ -93,8 +112,7 @@ def completion_logps_batched(model: Any, tokenizer: Any, items: list[tuple[list[
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[tuple[float, int] | None] = [None] * len(items)
     order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))  # similar lengths: little padding
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    for idx in _position_batches(order, [encoded[i][1] for i in range(len(items))], batch_size):
         width = max(len(encoded[i][0]) for i in idx)
         keep = max(encoded[i][1] for i in idx)  # longest completion in the batch
         ids = torch.tensor([[pad] * (width - len(encoded[i][0])) + encoded[i][0] for i in idx])

@@ -167,6 +167,20 @@ def test_batched_completion_logps_match_scoring_each_pair_alone(tiny_model_dir):
     assert len({n for _, n in batched}) == 3  # the rows really had different completion lengths
 
 
+def test_scoring_batches_stay_within_the_position_budget():
+    """Rows x the batch's longest completion stay within MAX_SCORED_POSITIONS (the eval's logits memory);
+    every row is scored once, in the order given."""
+    from pipeline.evaluation import MAX_SCORED_POSITIONS, _position_batches
+
+    lengths = [50] * 30 + [300] * 10 + [MAX_SCORED_POSITIONS + 5]
+    order = list(range(len(lengths)))
+    batches = _position_batches(order, lengths, batch_size=8)
+    assert [i for batch in batches for i in batch] == order
+    assert all(len(b) <= 8 for b in batches)
+    assert all(len(b) * max(lengths[i] for i in b) <= MAX_SCORED_POSITIONS for b in batches if len(b) > 1)
+    assert max(len(b) for b in batches if lengths[b[0]] == 300) == MAX_SCORED_POSITIONS // 300
+
+
 def _tiny_generator(tiny_model_dir: Path) -> tuple:
     """The tiny model with weights drawn wide enough that greedy answers differ between prompts (its own
     initialisation repeats one token whatever the prompt), its tokenizer, five prompts, and plain ``generate``."""
