@@ -3,10 +3,11 @@
 The estimate is the stages' counted work (tokens of the prepared data, positions that carry a label, the eval
 set's prompts and pairs) times what the model costs here, from a short calibration of the recipe's model with
 its LoRA: forward + backward per token and per labelled position, forward per token and per scored position,
-one decoding step at the eval batch size, and the time to load it. The calibration takes seconds and is kept
-in the user cache (``$PIPELINE_CACHE`` or ``~/.cache/instruct-pipeline``, under ``calibration/``) per machine,
-model, dtype, LoRA settings and library versions. What it leaves out (optimizer steps, checkpoint saves,
-dataloading) is small next to the model compute; docs/performance.md compares estimates with measured stages.
+one decoding step at the eval batch size, and the time to load it. The calibration runs once (under 1.5 minutes
+for gemma-3-270m in float32 on 2 AVX2 cores) and is kept in the user cache (``$PIPELINE_CACHE`` or
+``~/.cache/instruct-pipeline``, under ``calibration/``) per machine, model, dtype, LoRA settings and library
+versions. What it leaves out (optimizer steps, checkpoint saves, dataloading) is small next to the model compute;
+docs/performance.md compares estimates with measured stages (0.84-1.23x per stage on the quickstart).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _calibration_text(tokenizer: Any) -> torch.Tensor:
 
 
 def calibrate(recipe: Any) -> Speeds:
-    """Time the recipe's model here (about 10-20 s for gemma-3-270m on 2 CPU cores), or read the cached result."""
+    """Time the recipe's model on this machine, or read the cached result of an earlier calibration."""
     from pipeline.models import load_base_model, load_tokenizer, lora_config, resolve_model_path
 
     key = {"version": CALIBRATION_VERSION, "machine": machine_key(), "model": resolve_model_path(
