@@ -46,22 +46,22 @@ class Speeds:
     load: float              # loading the model
 
 
-def machine_key() -> dict[str, Any]:
-    """What makes one machine's speed differ from another's."""
-    flags: list[str] = []
-    model = platform.processor()
+def machine() -> dict[str, Any]:
+    """CPU model, the flags that decide the fast path (bf16 / AMX / AVX-512 / AVX2), cores, torch threads and
+    version, and the GPU if any: what makes one machine's speed differ from another's."""
+    model, flags = platform.processor(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and model in ("", platform.machine()):
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags"):
-                flags = sorted(f for f in line.split(":", 1)[1].split()
-                               if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
-                break
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": model, "flags": flags, "threads": torch.get_num_threads(), "cuda": cuda}
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+    return {"cpu": model, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def _sync(device: str) -> None:
@@ -88,9 +88,13 @@ def _calibration_text(tokenizer: Any) -> torch.Tensor:
 
 def calibrate(recipe: Any) -> Speeds:
     """Time the recipe's model on this machine, or read the cached result of an earlier calibration."""
-    from pipeline.models import load_base_model, load_tokenizer, lora_config, resolve_model_path
+    from peft import get_peft_model
 
-    key = {"version": CALIBRATION_VERSION, "machine": machine_key(), "model": resolve_model_path(
+    from pipeline.inference import generate
+    from pipeline.models import configure_generation, load_base_model, load_tokenizer, lora_config, resolve_model_path
+    from pipeline.stages.sft import labelled_logits
+
+    key = {"version": CALIBRATION_VERSION, "machine": machine(), "model": resolve_model_path(
         recipe.model["name_or_path"]), "dtype": str(resolve_dtype(recipe.model)), "lora": recipe.lora,
         "batch": recipe.eval.get("batch_size") if recipe.eval else None, "versions": library_versions()}
     path = default_cache_dir() / "calibration" / f"{fingerprint(key)}.json"
@@ -108,10 +112,6 @@ def calibrate(recipe: Any) -> Speeds:
     n = ids.shape[1]
     every, one = torch.arange(n - 1, device=model.device), torch.tensor([n - 2], device=model.device)
     speeds = {"load": load}
-
-    from pipeline.inference import generate
-    from pipeline.models import configure_generation
-
     configure_generation(model, tokenizer)
     batch = (recipe.eval or {}).get("batch_size") or 16
     prompt = tokenizer.decode(ids[0, :24])
@@ -132,21 +132,13 @@ def calibrate(recipe: Any) -> Speeds:
     speeds["score_token"] = score_one / n
     speeds["score_position"] = max(score_all - score_one, 0.0) / (n - 2)
 
-    from peft import get_peft_model
-
-    from pipeline.stages.fast_loss import trained_token_rows
-
     peft_model = get_peft_model(model, lora_config(recipe.lora, tokenizer))
     peft_model.train()
     targets = ids[0, 1:]
 
     def training(keep: torch.Tensor) -> Any:
-        def run() -> None:  # what the SFT stage's loss does (stages/sft.py), without the trainer around it
-            rows = trained_token_rows(peft_model)
-            if rows is None:
-                logits = peft_model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
-            else:
-                logits = rows.logits(rows.backbone(input_ids=ids, use_cache=False).last_hidden_state[:, keep])
+        def run() -> None:  # the SFT stage's loss (stages/sft.py), without the trainer around it
+            _, logits = labelled_logits(peft_model, {"input_ids": ids}, keep)
             logps = F.log_softmax(logits.flatten(0, 1), dim=-1, dtype=torch.float32)
             F.nll_loss(logps, targets[keep]).backward()
             peft_model.zero_grad(set_to_none=True)
@@ -205,18 +197,21 @@ class StageEstimate:
     detail: str
 
 
-def _sft(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds) -> StageEstimate:
-    train = load_from_disk(str(prepared / "sft_train"))
-    tokens = sum(_tokens(tokenizer, row["messages"]) for row in train)
-    labelled = sum(_answer_tokens(tokenizer, row["messages"]) for row in train)
+def _conversation_work(tokenizer: Any, prepared: Path, split: str) -> tuple[int, int, int]:
+    """(conversations, tokens, answer tokens) of a prepared SFT split; zeros when it is absent."""
+    if not (prepared / split).exists():
+        return 0, 0, 0
+    rows = [row["messages"] for row in load_from_disk(str(prepared / split))]
+    return (len(rows), sum(_tokens(tokenizer, m) for m in rows), sum(_answer_tokens(tokenizer, m) for m in rows))
+
+
+def _sft(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds, train: tuple[int, int, int]) -> StageEstimate:
+    rows, tokens, labelled = train
     packed = recipe.sft.get("packing", False) and recipe.sft.get("max_length")
-    epochs = _epochs(recipe.sft, math.ceil(tokens / recipe.sft["max_length"]) if packed else len(train))
+    epochs = _epochs(recipe.sft, math.ceil(tokens / recipe.sft["max_length"]) if packed else rows)
     seconds = speeds.load + epochs * (tokens * speeds.train_token + labelled * speeds.train_position)
-    held = prepared / "sft_eval"
-    if held.exists():
-        rows = load_from_disk(str(held))
-        seconds += sum(_tokens(tokenizer, r["messages"]) * speeds.score_token
-                       + _answer_tokens(tokenizer, r["messages"]) * speeds.score_position for r in rows)
+    _, held_tokens, held_labelled = _conversation_work(tokenizer, prepared, "sft_eval")
+    seconds += held_tokens * speeds.score_token + held_labelled * speeds.score_position
     return StageEstimate("sft", seconds, f"{epochs:.3g} epoch(s) of {tokens:,} tokens, {labelled:,} labelled")
 
 
@@ -235,7 +230,7 @@ def _dpo(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds) -> StageEs
     return StageEstimate("dpo", seconds, f"{epochs:.3g} epoch(s) of {tokens:,} tokens, {positions:,} in answers")
 
 
-def _eval(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds) -> StageEstimate:
+def _eval(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds, train: tuple[int, int, int]) -> StageEstimate:
     from pipeline.stages.evaluate import REFERENCE, base_cache_path, eval_inputs
 
     cfg = recipe.eval
@@ -246,9 +241,8 @@ def _eval(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds) -> StageE
     held = (sum(_tokens(tokenizer, c) for c in conversations), sum(_answer_tokens(tokenizer, c) for c in conversations))
     pair_tokens, pair_positions = _pair_work(tokenizer, pairs)
     # A trained model answers about as long as its training answers do; the base model never stops.
-    train = load_from_disk(str(prepared / "sft_train")) if (prepared / "sft_train").exists() else []
-    answers = [_answer_tokens(tokenizer, row["messages"]) for row in train]
-    typical = min(sum(answers) / len(answers), cfg["max_new_tokens"]) if answers else cfg["max_new_tokens"]
+    rows, _, answers = train
+    typical = min(answers / rows, cfg["max_new_tokens"]) if rows else cfg["max_new_tokens"]
     batch = cfg["batch_size"]
     seconds, cached = 0.0, []
     for name in names:
@@ -278,20 +272,20 @@ def estimate_with(recipe: Any, stages: list[str], prepared: Path, speeds: Speeds
     from pipeline.models import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
+    train = _conversation_work(tokenizer, prepared, "sft_train")  # SFT's work, and the eval's typical answer
     out = []
     if "sft" in stages:
-        out.append(_sft(recipe, prepared, tokenizer, speeds))
+        out.append(_sft(recipe, prepared, tokenizer, speeds, train))
     if "dpo" in stages:
         out.append(_dpo(recipe, prepared, tokenizer, speeds))
     if "eval" in stages and recipe.eval:
-        out.append(_eval(recipe, prepared, tokenizer, speeds))
+        out.append(_eval(recipe, prepared, tokenizer, speeds, train))
     return out
 
 
 def describe(estimates: list[StageEstimate]) -> str:
-    machine = machine_key()
-    where = machine["cuda"] or f"{machine['cpu']} ({', '.join(machine['flags']) or 'no avx2'}), " \
-                              f"{machine['threads']} threads"
+    here = machine()
+    where = here["cuda"] or f"{here['cpu']} ({', '.join(here['flags']) or 'no avx2'}), {here['torch_threads']} threads"
     lines = [f"Estimated time on this machine ({where}):"]
     for item in estimates:
         lines.append(f"  {item.stage:<5} ~{_minutes(item.seconds):>7}   {item.detail}")

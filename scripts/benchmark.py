@@ -38,6 +38,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pipeline.data import formats  # noqa: E402
+from pipeline.estimate import machine  # noqa: E402
 from pipeline.models import CHAT_TEMPLATES, resolve_model_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -383,25 +384,6 @@ def bench_kernels(args: argparse.Namespace, path: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- --quick
-def machine() -> dict[str, Any]:
-    """CPU model, the flags that decide the fast path (bf16 / AMX / AVX-512 / AVX2), cores and torch threads."""
-    import os
-    import platform
-
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
-    return {"cpu": model, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
 def peak_rss_gb() -> float:
     import resource
 

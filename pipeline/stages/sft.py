@@ -34,6 +34,18 @@ from pipeline.stages.training import (
 )
 
 
+def labelled_logits(model: Any, model_inputs: dict[str, Any], keep: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """The model's outputs and its logits at positions ``keep`` only, through the turn-token rows' two-part head
+    when the model has one (``fast_loss.trained_token_rows``)."""
+    token_rows = trained_token_rows(model)
+    if token_rows is None:
+        # use_cache=False: packed rows are only kept apart (position_ids restarting) without a cache
+        outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
+        return outputs, outputs.logits
+    outputs = token_rows.backbone(**model_inputs, use_cache=False)
+    return outputs, token_rows.logits(outputs.last_hidden_state[:, keep])
+
+
 class LabelledPositionsSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss sends only the positions that carry a label through the LM head.
 
@@ -48,15 +60,7 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
                      num_items_in_batch: Any = None) -> Any:
         targets = inputs["labels"][:, 1:]
         keep = (targets != -100).any(dim=0).nonzero().flatten()  # positions whose next token is trained
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        token_rows = trained_token_rows(model)
-        if token_rows is None:
-            # use_cache=False: packed rows are only kept apart (position_ids restarting) without a cache
-            outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
-            logits = outputs.logits
-        else:
-            outputs = token_rows.backbone(**model_inputs, use_cache=False)
-            logits = token_rows.logits(outputs.last_hidden_state[:, keep])
+        outputs, logits = labelled_logits(model, {k: v for k, v in inputs.items() if k != "labels"}, keep)
         kept = targets[:, keep]
         # log_softmax casts to float32 itself: the same values as cross_entropy(logits.float()), without a
         # separate float32 copy of the (positions x vocabulary) logits
