@@ -43,7 +43,7 @@ def build_tiny_tokenizer(directory: Path) -> None:
 
 
 def build_tiny_model(directory: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """A 2-layer random causal LM (hidden 32) saved with the tiny tokenizer."""
+    """A 2-layer random causal LM (hidden 32, tied embeddings) saved with the tiny tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -58,6 +58,10 @@ def build_tiny_model(directory: Path, arch: str = "llama", seed: int = 0) -> Pat
     torch.manual_seed(seed)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "gemma3":  # scaled input embeddings (what the quickstart's gemma-3-270m has)
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8, sliding_window=16))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     model.save_pretrained(directory)

@@ -17,7 +17,7 @@ CONVERSATIONS = [[{"role": "user", "content": f"Name a fruit ({i})."},
                   {"role": "assistant", "content": f"A pear, {i} times."}] for i in range(4)]
 
 
-@pytest.fixture(params=["llama", "qwen2"])
+@pytest.fixture(params=["llama", "qwen2", "gemma3"])
 def trainer(request, tmp_path):
     from conftest import build_tiny_model
     from transformers import AutoModelForCausalLM
@@ -51,7 +51,9 @@ def _loss_and_grads(model, compute):
 def test_turn_token_rows_head_gives_the_wrappers_loss_and_gradients(trainer):
     model = trainer.model
     batch = next(iter(trainer.get_train_dataloader()))
-    assert trained_token_rows(model) is not None  # the two-part head is the path under test
+    rows = trained_token_rows(model)
+    assert rows is not None and rows.embedding is not None  # the two-part head and the lookup are under test
+    assert (batch["input_ids"].unsqueeze(-1) == rows.rows).any()  # the batch holds turn tokens
     expected = _loss_and_grads(model, lambda: model(**batch, use_cache=False).loss)
     ours = _loss_and_grads(model, lambda: trainer.compute_loss(model, dict(batch)))
     torch.testing.assert_close(ours[0], expected[0], rtol=1e-5, atol=1e-6)

@@ -51,18 +51,35 @@ class TrainedTokenRows:
     peft builds ``W' = W.index_copy(rows, delta)`` and runs ``linear(h, W')``, so autograd computes the gradient
     of the whole (vocabulary x hidden) matrix for the few trained rows (about 1.8 s of a 6-9 s gemma-3-270m SFT
     step). ``linear(h, W)`` with the frozen ``W``, its trained columns replaced by ``linear(h, delta)``, is the
-    same function; its weight gradient is the (rows x hidden) one only. The parameters are peft's own, so the
-    saved adapter is unchanged.
+    same function; its weight gradient is the (rows x hidden) one only. The columns of the trained rows are
+    corrected in place (``+ linear(h, delta - W[rows])``): no copy of the (positions x vocabulary) logits in the
+    forward or the backward. The tied input embedding has the same problem (a dense vocabulary x hidden gradient
+    of ``W'`` for a lookup): :meth:`embed` looks up the frozen table and takes the trained rows' positions from
+    ``delta``. The parameters are peft's own, so the saved adapter is unchanged.
     """
 
     backbone: Any
     weight: torch.Tensor
     rows: torch.Tensor
     delta: torch.Tensor
+    embedding: Any = None  # the frozen input embedding module (its forward applies e.g. Gemma's scale), if tied
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        frozen = F.linear(hidden, self.weight)
-        return frozen.index_copy(-1, self.rows, F.linear(hidden, self.delta.to(self.weight.dtype)))
+        logits = F.linear(hidden, self.weight)
+        correction = F.linear(hidden, self.delta.to(self.weight.dtype) - self.weight[self.rows])
+        return logits.index_add_(-1, self.rows, correction)  # in place: its backward passes the gradient through
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """peft's ``embedding(ids, W') * embed_scale`` without ``W'``: the same values, and a (rows x hidden)
+        gradient instead of a dense (vocabulary x hidden) one."""
+        embeds = self.embedding(input_ids)
+        slot = input_ids.unsqueeze(-1) == self.rows
+        hit = slot.any(dim=-1, keepdim=True)
+        trained = F.embedding(slot.int().argmax(dim=-1), self.delta.to(self.weight.dtype))
+        scale = getattr(self.embedding, "embed_scale", None)
+        if scale is not None:  # as peft's wrapper (``_get_embed_scale``)
+            trained = trained * (scale.to(trained.dtype) if torch.is_tensor(scale) else scale)
+        return torch.where(hit, trained, embeds)
 
 
 def trained_token_rows(model: Any) -> TrainedTokenRows | None:
@@ -88,7 +105,27 @@ def trained_token_rows(model: Any) -> TrainedTokenRows | None:
     name = active[0]
     rows = torch.tensor(layer.token_indices[name], device=layer.base_layer.weight.device)
     return TrainedTokenRows(backbone=base.get_decoder(), weight=layer.base_layer.weight, rows=rows,
-                            delta=layer.trainable_tokens_delta[name])
+                            delta=layer.trainable_tokens_delta[name], embedding=_tied_embedding(base, layer, name))
+
+
+def _tied_embedding(base: Any, head_layer: Any, name: str) -> Any:
+    """The frozen embedding module under the input embedding's trainable-token wrapper when it trains the same rows
+    with the same parameter as the head (peft's tied adapter) and is a plain lookup; else None."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    wrapper = base.get_input_embeddings()
+    if not isinstance(wrapper, TrainableTokensWrapper):
+        return None
+    layer = wrapper.token_adapter
+    table = layer.base_layer
+    plain = (isinstance(table, torch.nn.Embedding) and table.max_norm is None and not table.scale_grad_by_freq
+             and not table.sparse and table.weight is head_layer.base_layer.weight)
+    same = (not layer.disable_adapters and not layer.merged and layer.active_adapters == [name]
+            and layer.trainable_tokens_delta[name] is head_layer.trainable_tokens_delta[name]
+            and list(layer.token_indices[name]) == list(head_layer.token_indices[name]))
+    if not (plain and same) or (table.padding_idx is not None and table.padding_idx in layer.token_indices[name]):
+        return None
+    return table
 
 
 def unsupported_reason(args: Any, trl_version: str = trl.__version__) -> str | None:
