@@ -62,3 +62,6 @@ def test_quick_mode_compares_the_pipeline_with_plain_trl_and_the_bare_model(tmp_
     assert result["rows"] == {"sft_conversations": 6, "dpo_pairs": 4}
     assert result["dpo_steps"] == {"pipeline": 2, "plain_trl": 1}  # 4 pairs: 2 x (2 pairs), TRL: one batch of 8
     assert result["sft_labelled_positions"] > 0 and result["sft_tokens"] >= result["sft_labelled_positions"]
+    for stage in ("sft", "dpo"):  # the floor ratio's numerator: the optimizer steps, inside train()
+        seconds = result["seconds"]
+        assert 0 < seconds[f"{stage}_pipeline_steps_s"][0] <= seconds[f"{stage}_pipeline_train_s"][0], stage
