@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import load_script, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark")
 
 
 def _conversations(path: Path, n: int) -> Path:

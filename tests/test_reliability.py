@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import errno
-import importlib.util
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_pref_rows, tiny_sft_rows, write_jsonl
+from conftest import load_script, tiny_pref_rows, tiny_sft_rows, write_jsonl
 from safetensors.torch import load_file
 
 from pipeline.artifacts import LOCK, read_manifest, run_lock, verify_stage, write_failure
@@ -54,17 +53,9 @@ def _run(raw: dict, *overrides: str, **kwargs) -> dict[str, str]:
     return {o.stage: o.action for o in run_recipe(recipe, log=lambda _: None, **kwargs)}
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 # ------------------------------------------------------------------------------------------ crash / resume
 def test_crash_test_kills_and_resumes_to_identical_weights(tmp_path, capsys):
-    crash_test = _load_script("crash_test")
+    crash_test = load_script("crash_test")
     # Two trials side by side, killed mid-training (the phases where resuming from a checkpoint matters).
     status = crash_test.main(["--trials", "2", "--jobs", "2", "--sft-steps", "4", "--dpo-steps", "4",
                               "--phases", "sft training,dpo training", "--work-dir", str(tmp_path / "crash")])
@@ -216,7 +207,7 @@ def _run_cli(tmp_path: Path, raw: dict, *args: str, limit_from: tuple[int, str] 
 
 def test_full_disk_fails_with_the_size_needed_keeps_checkpoints_and_resumes_to_the_same_adapter(tiny_recipe,
                                                                                                 tmp_path):
-    max_abs_diff = _load_script("crash_test").max_abs_diff
+    max_abs_diff = load_script("crash_test").max_abs_diff
     raw = apply_overrides(tiny_recipe, ["sft.max_steps=8"])
     reference = copy.deepcopy(raw)
     reference["output_dir"] = str(tmp_path / "reference")

@@ -1,0 +1,77 @@
+"""Compare the answers of two runs on the same eval prompts: paired differences with 95 % intervals.
+
+A recipe variant is only better than another if the difference survives the noise of the eval prompts. Each run's
+``eval/report.md`` compares base, SFT and DPO *within* the run; this compares one model *across* runs (e.g. the DPO
+model of a data variant against the DPO model of the shipped recipe), resampling the same prompts for both
+(``pipeline.evaluation.bootstrap_metrics``, the eval stage's own bootstrap), and says in words whether each
+difference is a real gain:
+
+    python scripts/compare_runs.py runs/quickstart runs/variant --model dpo
+    python scripts/compare_runs.py runs/quickstart runs/variant --model sft --prompts data/eval_prompts.jsonl
+
+Both runs must have evaluated the same prompt file (the generations are matched by prompt key). The training
+seed moves these metrics too (docs/experiments.md): compare two seeds of each before believing a variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from pipeline.bootstrap import verdict  # noqa: E402
+from pipeline.evaluation import DIRECTION, bootstrap_metrics, load_prompts, prompt_clusters, prompt_items  # noqa: E402
+
+HEADLINE = ("format_compliance", "prompt_level_strict", "instruction_level_strict", "prompt_level_loose",
+            "instruction_level_loose", "mean_new_tokens")
+
+
+def read_generations(run: Path, model: str, prompts: list[dict]) -> list[dict]:
+    path = run / "eval" / f"generations_{model}.jsonl"
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: did that run evaluate the {model!r} model?")
+    by_key = {row["key"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    missing = [p["key"] for p in prompts if p["key"] not in by_key]
+    if missing:
+        raise SystemExit(f"{path} has no answer for {len(missing)} of {len(prompts)} prompts (first: "
+                         f"{missing[0]!r}): the runs evaluated different prompt files")
+    return [by_key[p["key"]] for p in prompts]
+
+
+def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tuple[str, float, float, str]]:
+    """``(metric, first value, second value − first value with its interval and verdict)`` per metric."""
+    prompts = load_prompts(prompts_path)
+    names = [f"{first}", f"{second}"]
+    items = {name: prompt_items(prompts, read_generations(Path(name), model, prompts)) for name in names}
+    intervals, differences = bootstrap_metrics([(prompt_clusters(prompts), items)], names)
+    diffs = differences[(names[0], names[1])]
+    keys = [k for k in HEADLINE if k in diffs] + sorted(k for k in diffs if k.startswith("by_split/"))
+    rows = []
+    for key in keys:
+        diff = diffs[key]
+        words = verdict(diff, DIRECTION.get(key.rsplit("/", 1)[-1], True))
+        rows.append((key, intervals[names[0]][key].value, intervals[names[1]][key].value,
+                     f"{diff.value:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] {words}"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("first", type=Path, help="a run's output_dir (the reference)")
+    parser.add_argument("second", type=Path, help="another run's output_dir (the variant)")
+    parser.add_argument("--model", default="dpo", help="which evaluated model to compare (base, sft, dpo)")
+    parser.add_argument("--prompts", default="data/eval_prompts.jsonl", help="the eval prompt file both runs used")
+    args = parser.parse_args(argv)
+    rows = compare(args.first, args.second, args.model, args.prompts)
+    print(f"{args.model}: {args.first} → {args.second} (paired bootstrap over the same prompts, 95 % intervals)")
+    print(f"| metric | {args.first} | {args.second} | difference |\n|---|---|---|---|")
+    for key, a, b, diff in rows:
+        print(f"| {key} | {a:.3f} | {b:.3f} | {diff} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""scripts/compare_runs.py: one model's answers in two runs, paired over the same eval prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import load_script
+
+
+def _compare_runs():
+    return load_script("compare_runs")
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _run(tmp_path: Path, name: str, passed: list[bool], keys: list[str]) -> Path:
+    rows = [{"key": k, "prompt": "p", "text": "an answer", "stopped": True, "new_tokens": 3,
+             "constraints_strict": [ok], "constraints_loose": [ok]} for k, ok in zip(keys, passed, strict=True)]
+    _write(tmp_path / name / "eval" / "generations_dpo.jsonl", rows)
+    return tmp_path / name
+
+
+def test_a_large_paired_gain_is_called_better_and_noise_is_not(tmp_path: Path, capsys) -> None:
+    keys = [f"k{i}" for i in range(60)]
+    prompts = _write(tmp_path / "prompts.jsonl", [
+        {"key": k, "prompt": f"Say something {i}. Answer in all lowercase.", "split": "seen",
+         "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]} for i, k in enumerate(keys)])
+    reference = _run(tmp_path, "a", [i % 5 == 0 for i in range(60)], keys)  # 20 % pass
+    variant = _run(tmp_path, "b", [i % 5 != 4 for i in range(60)], keys)  # 80 % pass, the 20 % among them
+    noise = _run(tmp_path, "c", [i % 5 == 1 for i in range(60)], keys)  # 20 % pass, other prompts
+    compare = _compare_runs()
+    rows = {key: (a, b, diff) for key, a, b, diff in compare.compare(reference, variant, "dpo", str(prompts))}
+    a, b, diff = rows["prompt_level_strict"]
+    assert (a, b) == (pytest.approx(0.2), pytest.approx(0.8)) and diff.endswith("better")
+    assert rows["by_split/seen/prompt_level_strict"][2].endswith("better")
+    assert rows["format_compliance"][2].endswith("within noise")  # both stop on every prompt
+    same = {key: diff for key, _, _, diff in compare.compare(reference, noise, "dpo", str(prompts))}
+    assert same["prompt_level_strict"].endswith("within noise")
+    assert compare.main([str(reference), str(variant), "--prompts", str(prompts)]) == 0
+    assert "| prompt_level_strict | 0.200 | 0.800 |" in capsys.readouterr().out
+
+
+def test_runs_on_different_prompt_files_are_refused(tmp_path: Path) -> None:
+    prompts = _write(tmp_path / "prompts.jsonl", [
+        {"key": k, "prompt": "Say hi in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
+         "kwargs": [{}]} for k in ("x", "y")])
+    reference = _run(tmp_path, "a", [True, False], ["x", "y"])
+    other = _run(tmp_path, "b", [True, False], ["x", "z"])
+    with pytest.raises(SystemExit, match="no answer for 1 of 2 prompts"):
+        _compare_runs().compare(reference, other, "dpo", str(prompts))
+    with pytest.raises(SystemExit, match="did that run evaluate the 'sft' model"):
+        _compare_runs().compare(reference, other, "sft", str(prompts))
