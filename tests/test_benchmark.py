@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from conftest import load_script, write_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _benchmark():
     return load_script("benchmark")
