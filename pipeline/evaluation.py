@@ -37,6 +37,8 @@ def load_prompts(path: str | Path, max_prompts: int | None = None) -> list[dict[
         ) != len(row.get("kwargs", [])):
             raise DataError("needs 'prompt' and equally long 'instruction_id_list' and 'kwargs'",
                             path=str(path), line=number)
+        row.setdefault("instruction_id_list", [])  # a plain prompt: answered and scored for format only
+        row.setdefault("kwargs", [])
         for instruction_id in row["instruction_id_list"]:  # before any model generates: fail fast
             try:
                 get_constraint(instruction_id)
@@ -212,8 +214,9 @@ def prompt_items(prompts: Sequence[dict[str, Any]], outputs: Sequence[dict[str, 
 
     for i, (row, out) in enumerate(zip(prompts, outputs, strict=True)):
         strict, loose = out["constraints_strict"], out["constraints_loose"]
+        asked = 1 if row["instruction_id_list"] else 0  # a plain prompt has no constraint accuracy
         values = {"format_compliance": (out["stopped"] and bool(out["text"]), 1),
-                  "prompt_level_strict": (all(strict), 1), "prompt_level_loose": (all(loose), 1),
+                  "prompt_level_strict": (all(strict) * asked, asked), "prompt_level_loose": (all(loose) * asked, asked),
                   "instruction_level_strict": (sum(strict), len(strict)),
                   "instruction_level_loose": (sum(loose), len(loose))}
         for key, (num, den) in values.items():
@@ -374,7 +377,7 @@ def plot_model_comparison(metrics: dict[str, dict[str, Any]], path: Path) -> Non
     fig, ax = plt.subplots(figsize=(8, 3.8))
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
-        values = [metrics[name].get(k, float("nan")) for k in keys]
+        values = [v if isinstance(v := metrics[name].get(k), int | float) else float("nan") for k in keys]
         # 95 % bootstrap intervals as error bars, where the metrics have them
         bounds = [ci if isinstance(ci := metrics[name].get("ci95", {}).get(k), list) and None not in ci else [v, v]
                   for k, v in zip(keys, values, strict=True)]

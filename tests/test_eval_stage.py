@@ -119,6 +119,25 @@ def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):
     assert {o.action for o in run_recipe(recipe, log=lambda _: None)} == {"skipped"}
 
 
+def test_plain_prompts_without_instructions_are_scored_for_format_only(tiny_recipe, tmp_path):
+    prompts = write_jsonl(tmp_path / "plain.jsonl", [{"key": 1, "prompt": "Describe the sea."},
+                                                     {"key": 2, "prompt": "Say hi.", "instruction_id_list": [],
+                                                      "kwargs": []}])
+    tiny_recipe["eval"] = {"prompts": str(prompts), "max_new_tokens": 4, "batch_size": 2, "models": ["base", "sft"]}
+    del tiny_recipe["dpo"]  # prepare, SFT, eval
+    run_recipe(validate_recipe(tiny_recipe), log=lambda _: None)
+    out = Path(tiny_recipe["output_dir"]) / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("base", "sft"):
+        assert 0.0 <= metrics[name]["format_compliance"] <= 1.0
+        assert metrics[name]["prompt_level_strict"] is None and metrics[name]["per_type_strict"] == {}
+        assert metrics[name]["ci95"]["prompt_level_strict"] == [None, None]
+    assert metrics["sft"]["vs"]["base"]["prompt_level_strict"]["diff"] is None
+    report = (out / "report.md").read_text()
+    assert "| prompt_level_strict | – | – |" in report
+    assert (out / "comparison.png").stat().st_size > 1000
+
+
 def test_completion_logps_equal_a_full_forward(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
