@@ -71,7 +71,7 @@ HELD_OUT_PHRASINGS = 2
 TYPES = sorted(t for t in CONSTRAINTS if t not in HELD_OUT_TYPES)  # the types training data uses
 # Where an instruction goes: after the request on the same line, after it in a new paragraph, or before it.
 POSITIONS = ("end", "end_paragraph", "start")
-N_SFT, N_CONSTRAINT_PAIRS, N_EVAL_CONSTRAINT_PAIRS = 400, 300, 30
+N_SFT, N_CONSTRAINT_PAIRS, N_EVAL_CONSTRAINT_PAIRS = 1000, 300, 30
 # "Stops vs loops" pairs: a constrained prompt, its compliant answer, and that answer collapsing into a loop.
 N_LOOP_PAIRS = 75
 # Quality pairs per kind: (training, held-out).

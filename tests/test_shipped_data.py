@@ -50,9 +50,9 @@ def last_user(messages: list[dict]) -> str:
 # ---- shape and counts ----------------------------------------------------------------------------
 
 
-def test_sft_constraints_are_single_turn_messages_with_appended_instructions(files, instructions):
+def test_sft_constraints_are_single_turn_messages_with_appended_instructions(files, instructions, build_data):
     rows = files["sft_constraints.jsonl"]
-    assert 390 <= len(rows) <= 410
+    assert len(rows) == build_data.N_SFT == 1000
     assert len({r["id"] for r in rows}) == len(rows)
     for row in rows:
         assert set(row) == {"id", "messages"}
