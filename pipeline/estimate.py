@@ -7,7 +7,7 @@ one decoding step at the eval batch size, and the time to load it. The calibrati
 for gemma-3-270m in float32 on 2 AVX2 cores) and is kept in the user cache (``$PIPELINE_CACHE`` or
 ``~/.cache/instruct-pipeline``, under ``calibration/``) per machine, model, dtype, LoRA settings and library
 versions. What it leaves out (optimizer steps, checkpoint saves, dataloading) is small next to the model compute;
-docs/performance.md compares estimates with measured stages (0.84-1.23x per stage on the quickstart).
+docs/performance.md compares estimates with measured stages (0.80-1.23x per stage on the quickstart).
 """
 
 from __future__ import annotations

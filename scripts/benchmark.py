@@ -441,18 +441,17 @@ class StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self._started)
 
 
-def _timed_loop(build: Any, before_train: Any = None) -> tuple[float, float, Any]:
-    """(seconds to build the trainer and train, seconds in ``train`` alone, trainer); ``before_train(trainer)``
-    runs between the two, outside both timings."""
+def _timed_loop(build: Any, before_train: Any = None) -> tuple[float, float, Any, Any]:
+    """(seconds to build the trainer and train, seconds in ``train`` alone, trainer, what ``before_train(trainer)``
+    returned); ``before_train`` runs between building and training, outside both timings."""
     started = time.perf_counter()
     trainer = build()
     built = time.perf_counter()
-    if before_train is not None:
-        before_train(trainer)
+    before = before_train(trainer) if before_train is not None else None
     trained = time.perf_counter()
     trainer.train()
     ended = time.perf_counter()
-    return (built - started) + (ended - trained), ended - trained, trainer
+    return (built - started) + (ended - trained), ended - trained, trainer, before
 
 
 def bare_floor_seconds(model: Any, batches: list[dict[str, Any]]) -> float:
@@ -534,18 +533,18 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
 
         bare = fresh_model()
 
-        def floor_before(trainer: Any) -> None:
+        def warm_floor(trainer: Any) -> float:
             batches = _consumed_batches(trainer)
             bare_floor_seconds(bare, batches[:1])  # untimed: one-off allocations
-            floors.append(bare_floor_seconds(bare, batches))
+            return bare_floor_seconds(bare, batches)
 
         for round_ in range(args.rounds):
             for stage, pipeline_build, plain_build in (("sft", sft_pipeline, sft_plain),
                                                        ("dpo", dpo_pipeline, dpo_plain)):
-                floors: list[float] = []  # the floor just before and just after the loop: drift hits both alike
-                total, in_train, trainer = _timed_loop(pipeline_build, floor_before)
+                total, in_train, trainer, floor_before = _timed_loop(pipeline_build, warm_floor)
                 batches = _consumed_batches(trainer)
-                floors.append(bare_floor_seconds(bare, batches))
+                # the floor just before and just after the loop: drift on the machine hits both alike
+                floors = [floor_before, bare_floor_seconds(bare, batches)]
                 times.setdefault(f"{stage}_pipeline_s", []).append(total)
                 times.setdefault(f"{stage}_pipeline_train_s", []).append(in_train)
                 step_timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
@@ -555,7 +554,7 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
                 if stage == "dpo":
                     info["dpo_loss_path"] = trainer.loss_path
                 del trainer
-                total, _, trainer = _timed_loop(plain_build)
+                total, _, trainer, _ = _timed_loop(plain_build)
                 times.setdefault(f"{stage}_plain_trl_s", []).append(total)
                 info[f"{stage}_steps"] = {"pipeline": steps, "plain_trl": trainer.state.global_step}
                 info[f"{stage}_tokens"] = int(sum(b["input_ids"].numel() for b in batches))

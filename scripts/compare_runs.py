@@ -23,10 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pipeline.bootstrap import verdict  # noqa: E402
+from pipeline.eval_report import MAIN_METRICS  # noqa: E402
 from pipeline.evaluation import DIRECTION, bootstrap_metrics, load_prompts, prompt_clusters, prompt_items  # noqa: E402
-
-HEADLINE = ("format_compliance", "prompt_level_strict", "instruction_level_strict", "prompt_level_loose",
-            "instruction_level_loose", "mean_new_tokens")
 
 
 def read_generations(run: Path, model: str, prompts: list[dict]) -> list[dict]:
@@ -48,7 +46,7 @@ def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tu
     items = {name: prompt_items(prompts, read_generations(Path(name), model, prompts)) for name in names}
     intervals, differences = bootstrap_metrics([(prompt_clusters(prompts), items)], names)
     diffs = differences[(names[0], names[1])]
-    keys = [k for k in HEADLINE if k in diffs] + sorted(k for k in diffs if k.startswith("by_split/"))
+    keys = [k for k in MAIN_METRICS if k in diffs] + sorted(k for k in diffs if k.startswith("by_split/"))
     rows = []
     for key in keys:
         diff = diffs[key]

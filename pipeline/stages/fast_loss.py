@@ -69,6 +69,13 @@ class TrainedTokenRows:
         correction = F.linear(hidden, self.delta.to(self.weight.dtype) - self.weight[self.rows])
         return logits.index_add_(-1, self.rows, correction)  # in place: its backward passes the gradient through
 
+    def hidden_states(self, model_inputs: dict[str, Any]) -> Any:
+        """The backbone's outputs, its input embedding through :meth:`embed` where the embedding is tied."""
+        if self.embedding is None:
+            return self.backbone(**model_inputs, use_cache=False)
+        rest = {k: v for k, v in model_inputs.items() if k != "input_ids"}
+        return self.backbone(inputs_embeds=self.embed(model_inputs["input_ids"]), **rest, use_cache=False)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """peft's ``embedding(ids, W') * embed_scale`` without ``W'``: the same values, and a (rows x hidden)
         gradient instead of a dense (vocabulary x hidden) one."""

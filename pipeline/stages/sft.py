@@ -42,11 +42,7 @@ def labelled_logits(model: Any, model_inputs: dict[str, Any], keep: torch.Tensor
         # use_cache=False: packed rows are only kept apart (position_ids restarting) without a cache
         outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
         return outputs, outputs.logits
-    if token_rows.embedding is not None:
-        rest = {k: v for k, v in model_inputs.items() if k != "input_ids"}
-        outputs = token_rows.backbone(inputs_embeds=token_rows.embed(model_inputs["input_ids"]), **rest, use_cache=False)
-    else:
-        outputs = token_rows.backbone(**model_inputs, use_cache=False)
+    outputs = token_rows.hidden_states(model_inputs)
     return outputs, token_rows.logits(outputs.last_hidden_state[:, keep])
 
 
