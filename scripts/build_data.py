@@ -79,14 +79,16 @@ QUALITY_QUOTA = {"wrong_number": (25, 5), "wrong_answer": (25, 5), "ramble": (50
                  "runs_on_turn": (25, 5), "repeats": (25, 5)}
 SECOND_CONSTRAINT_P = 0.4  # share of prompts that get two constraints instead of one
 NEAR_DUP_JACCARD = 0.5  # word 5-gram Jaccard at or above this counts as the same prompt
-# The quickstart's DPO mix (100 rows of preferences.jsonl): PER_FOCUS_TYPE constraint pairs for each of the types one
+# The quickstart's DPO mix (rows of preferences.jsonl): PER_FOCUS_TYPE constraint pairs for each of the types one
 # SFT epoch leaves at 0 % on gemma-3-270m (measured, README "Quickstart results"), drawn from FOCUS_CANDIDATES
 # candidates per type; OTHER_CONSTRAINT_PAIRS more constraint pairs (mostly of other types) and the quality and loop
 # pairs, all from the first QUICKSTART_HEAD rows. DPO's few steps go mostly where SFT failed, and the other types
-# are not dropped.
+# are not dropped: every trained type then leads at least MIN_PAIRS_PER_TYPE constraint pairs, topped up from the rest
+# of preferences.jsonl in file order (141 rows; measured better than the 100 alone: docs/experiments.md).
 FOCUS_TYPES = ("change_case:english_capital", "change_case:english_lowercase", "combination:repeat_prompt",
                "combination:two_responses", "length_constraints:number_paragraphs", "startend:end_checker")
 FOCUS_CANDIDATES, PER_FOCUS_TYPE, OTHER_CONSTRAINT_PAIRS, QUICKSTART_HEAD = 10, 6, 24, 100
+MIN_PAIRS_PER_TYPE = 5
 
 
 @dataclass(frozen=True)
@@ -545,7 +547,22 @@ def quickstart_mix(preferences: Sequence[dict], seed: int) -> list[dict]:
     others = [p for p in head if p["kind"] == "constraint" and p["id"] not in taken][:OTHER_CONSTRAINT_PAIRS]
     rows = _first_per_focus_type(drawn, PER_FOCUS_TYPE) + others + [p for p in drawn if p["kind"] != "constraint"]
     random.Random(seed + 2).shuffle(rows)
+    rows += _top_up(rows, constraint, MIN_PAIRS_PER_TYPE)
+    random.Random(seed).shuffle(rows)
     return rows
+
+
+def _top_up(rows: Sequence[dict], constraint: Sequence[dict], n: int) -> list[dict]:
+    """Constraint pairs of ``constraint`` (in order, not in ``rows``) until every type leads ``n`` pairs of the mix."""
+    leads = Counter(p["instruction_id_list"][0] for p in rows if p["kind"] == "constraint")
+    taken = {p["id"] for p in rows}
+    extra = []
+    for pair in constraint:
+        lead = pair["instruction_id_list"][0]
+        if pair["id"] not in taken and leads[lead] < n:
+            leads[lead] += 1
+            extra.append(pair)
+    return extra
 
 
 def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:

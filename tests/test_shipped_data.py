@@ -88,9 +88,14 @@ def test_quickstart_mix_is_rows_of_preferences_focused_on_the_types_sft_leaves(f
                     if t in build_data.FOCUS_TYPES)
     assert all(focus[t] >= build_data.PER_FOCUS_TYPE for t in build_data.FOCUS_TYPES), focus
     kinds = Counter(r["kind"] for r in mix)
-    per_type, others = build_data.PER_FOCUS_TYPE, build_data.OTHER_CONSTRAINT_PAIRS
-    assert kinds["constraint"] == len(build_data.FOCUS_TYPES) * per_type + others
     assert kinds["loops"] > 0 and sum(kinds.values()) - kinds["constraint"] - kinds["loops"] > 0
+    # every trained type leads enough pairs, and the top-up adds no more than that
+    leads = Counter(r["instruction_id_list"][0] for r in mix if r["kind"] == "constraint")
+    assert set(leads) == set(build_data.TYPES)
+    assert min(leads.values()) >= build_data.MIN_PAIRS_PER_TYPE
+    per_type, others = build_data.PER_FOCUS_TYPE, build_data.OTHER_CONSTRAINT_PAIRS
+    base = len(build_data.FOCUS_TYPES) * per_type + others
+    assert base < kinds["constraint"] <= base + len(build_data.TYPES) * build_data.MIN_PAIRS_PER_TYPE
 
 
 @pytest.mark.parametrize("name", DERIVED)
