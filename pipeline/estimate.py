@@ -230,8 +230,9 @@ def _dpo(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds) -> StageEs
     return StageEstimate("dpo", seconds, f"{epochs:.3g} epoch(s) of {tokens:,} tokens, {positions:,} in answers")
 
 
-def _eval(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds, train: tuple[int, int, int]) -> StageEstimate:
-    from pipeline.stages.evaluate import REFERENCE, base_cache_path, eval_inputs
+def _eval(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds, train: tuple[int, int, int],
+          stages: list[str]) -> StageEstimate:
+    from pipeline.stages.evaluate import REFERENCE, cache_path, eval_inputs
 
     cfg = recipe.eval
     prompts, conversations, pairs = eval_inputs(recipe, prepared)
@@ -246,8 +247,8 @@ def _eval(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds, train: tu
     batch = cfg["batch_size"]
     seconds, cached = 0.0, []
     for name in names:
-        if name == "base":
-            path = base_cache_path(recipe, prompts, conversations, pairs, "base" in needed)
+        if name not in stages:  # the base model, or a stage the plan keeps: evaluated before?
+            path = cache_path(recipe, name, prompts, conversations, pairs, name in needed)
             if path is not None and path.is_file():
                 cached.append(name)
                 continue
@@ -279,7 +280,7 @@ def estimate_with(recipe: Any, stages: list[str], prepared: Path, speeds: Speeds
     if "dpo" in stages:
         out.append(_dpo(recipe, prepared, tokenizer, speeds))
     if "eval" in stages and recipe.eval:
-        out.append(_eval(recipe, prepared, tokenizer, speeds, train))
+        out.append(_eval(recipe, prepared, tokenizer, speeds, train, stages))
     return out
 
 

@@ -54,7 +54,8 @@ def test_the_estimate_comes_before_the_first_model_stage_and_names_each_stage_to
     _, lines = _run(_with_eval(tiny_recipe, tmp_path), "dpo.learning_rate=5e-3")
     text = next(line for line in lines if line.startswith("Estimated time"))
     assert "\n  dpo " in text and "\n  eval " in text and "\n  sft " not in text
-    assert "read from the cache" in text  # the base model's evaluation was cached by the first run
+    # the first run cached the evaluations of the base model and of the SFT model this run keeps
+    assert "3 prompts x 1 model(s); base, sft read from the cache" in text
     assert len(list(estimating.glob("*.json"))) == 1
 
 

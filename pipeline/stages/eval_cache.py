@@ -1,12 +1,16 @@
-"""The base model's evaluation, cached across runs: used by the ``eval`` stage (``stages/evaluate.py``).
+"""Each model's evaluation, cached across runs: used by the ``eval`` stage (``stages/evaluate.py``).
 
 The base model never changes, yet every run decoded it again (about 5.5 minutes of the quickstart's eval on
-an AVX2 CPU: its answers never stop, so each runs to the token limit). Its results are stored in the user cache
-(``$PIPELINE_CACHE`` or ``~/.cache/instruct-pipeline``, under ``eval/``), keyed by everything they depend on:
-the base model's location and weights (file hashes), dtype and attention, the tokenizer's chat template, the eval prompts,
-held-out conversations and pairs themselves (so the eval file's content and ``max_prompts`` / ``max_pairs``),
-the generation settings and the torch / transformers versions. A second quickstart, or any recipe on the same
-base and eval set, reads them back. Models given by hub id (no local files to hash) are not cached.
+an AVX2 CPU: its answers never stop, so each runs to the token limit); and a run that re-trains only DPO
+evaluated the unchanged SFT model again (about 5.5 minutes more). Each model's results are stored in the user
+cache (``$PIPELINE_CACHE`` or ``~/.cache/instruct-pipeline``, under ``eval/``), keyed by everything they depend
+on: the model's weights (the base model's location and file hashes; for a trained stage, the sha256 of every
+file its manifest records, its adapter and tokenizer included, on top of the base's), the weights of the model
+its preference accuracy is measured against, dtype and attention, the tokenizer's chat template, the eval
+prompts, held-out conversations and pairs themselves (so the eval file's content and ``max_prompts`` /
+``max_pairs``), the generation settings and the torch / transformers versions. A second quickstart, a run that
+re-trains only DPO, or any recipe on the same models and eval set reads them back. Models given by hub id (no
+local files to hash) are not cached, nor are the stages trained on them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_write_json, fingerprint, library_versions
+from pipeline.artifacts import FILES, atomic_write_json, fingerprint, library_versions, read_manifest
 from pipeline.gguf import default_cache_dir, file_sha256
 from pipeline.models import resolve_dtype, resolve_model_path
 
@@ -35,16 +39,29 @@ def base_model_fingerprint(model_cfg: dict[str, Any]) -> str | None:
     return fingerprint(str(path.resolve()), {p.name: file_sha256(p) for p in files}) if files else None
 
 
-def cache_path(model_cfg: dict[str, Any], tokenizer: Any, inputs: dict[str, Any],
+def stage_fingerprint(stage_dir: Path, base: str | None) -> str | None:
+    """Identity of a trained stage's model: the hashes its manifest records for its files (adapter, tokenizer,
+    a dpo stage's merged SFT weights) on top of the base model's ``base``; None if either is unknown."""
+    manifest = read_manifest(stage_dir)
+    files = (manifest or {}).get(FILES)
+    if base is None or not files:
+        return None
+    return fingerprint(base, {rel: entry["sha256"] for rel, entry in sorted(files.items())})
+
+
+def cache_path(name: str, model: str | None, model_cfg: dict[str, Any], tokenizer: Any, inputs: dict[str, Any],
                settings: dict[str, Any]) -> Path | None:
-    """Where the base model's results for these eval inputs and settings live, or None if not cacheable."""
-    model = base_model_fingerprint(model_cfg)
+    """Where model ``name``'s results for these eval inputs and settings live, or None if not cacheable.
+
+    ``model`` is its identity (:func:`base_model_fingerprint`, :func:`stage_fingerprint`); ``settings`` holds
+    whatever else its results depend on (generation settings, the identity of its reference model).
+    """
     if model is None:
         return None
     versions = {k: v for k, v in library_versions().items() if k in ("torch", "transformers")}
     key = fingerprint(CACHE_VERSION, model, str(resolve_dtype(model_cfg)), model_cfg.get("attn_implementation"),
                       tokenizer.chat_template, inputs, settings, versions)
-    return default_cache_dir() / "eval" / f"base-{key}.json"
+    return default_cache_dir() / "eval" / f"{name}-{key}.json"
 
 
 def load(path: Path | None) -> dict[str, Any] | None:

@@ -68,14 +68,17 @@ def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversat
     """Metrics of one model; fills ``logps[name]`` (its pair log-probs) when a stage needs them, and
     ``losses[name]`` (per-answer held-out log-probs, for the loss's interval)."""
     cfg = ctx.recipe.eval
-    # The base model never changes: its results come from the user cache when it holds this exact evaluation.
-    cache = base_cache_path(ctx.recipe, prompts, conversations, pairs, name in needed) if name == "base" else None
+    # A model evaluated before on exactly this evaluation (the base model; an SFT model a DPO-only re-run kept)
+    # is read back from the user cache.
+    cache = cache_path(ctx.recipe, name, prompts, conversations, pairs, name in needed)
     cached = eval_cache.load(cache)
     if cached is not None:
-        print(f"  {name}: evaluation read from the cache {cache} (same model, eval data and generation "
+        print(f"  {name}: evaluation read from the cache {cache} (same model weights, eval data and generation "
               "settings; delete the file to recompute)", flush=True)
         if cached["logps"] is not None:
             logps[name] = [tuple(pair) for pair in cached["logps"]]
+        if cached.get("reference_logps") is not None:  # its reference's, when that model is not evaluated itself
+            logps.setdefault(REFERENCE[name], [tuple(pair) for pair in cached["reference_logps"]])
         if cached.get("losses") is not None:  # per-answer scores: the held-out loss's interval needs them
             losses[name] = cached["losses"]
         atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl", cached["generations"])
@@ -102,20 +105,33 @@ def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversat
     generations = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl", generations)
     eval_cache.store(cache, {"metrics": metrics, "logps": logps.get(name), "losses": losses.get(name),
-                             "generations": generations})
+                             "reference_logps": logps.get(REFERENCE.get(name, "")), "generations": generations})
     del model
     gc.collect()
     return metrics
 
 
-def base_cache_path(recipe: Any, prompts: list[dict], conversations: list, pairs: list,
-                    scores_pairs: bool) -> Path | None:
-    """The base model's cache entry for exactly this evaluation (see ``stages/eval_cache.py``)."""
+def cache_path(recipe: Any, name: str, prompts: list[dict], conversations: list, pairs: list,
+               scores_pairs: bool) -> Path | None:
+    """Model ``name``'s cache entry for exactly this evaluation, None if not cacheable (``stages/eval_cache.py``).
+
+    A trained model is known by the files its stage's manifest records: call this for ``sft`` / ``dpo`` only
+    once that stage is final (in the eval stage, or in a plan that does not re-run it).
+    """
     cfg = recipe.eval
+    base = eval_cache.base_model_fingerprint(recipe.model)
+    identity = {"base": base}
+    for stage in (name, REFERENCE.get(name)):
+        if stage in REFERENCE:
+            identity[stage] = eval_cache.stage_fingerprint(recipe.stage_dir(stage), base)
     settings = {"max_new_tokens": cfg["max_new_tokens"], "batch_size": cfg["batch_size"],
-                "continuous": "base" not in cfg["padded_batches"], "scores_pairs": bool(pairs) and scores_pairs}
+                "continuous": name not in cfg["padded_batches"], "scores_pairs": bool(pairs) and scores_pairs}
+    if name in REFERENCE and pairs:  # its preference accuracy is measured against its reference model
+        if identity[REFERENCE[name]] is None:
+            return None
+        settings["reference"] = identity[REFERENCE[name]]
     inputs = {"prompts": prompts, "conversations": conversations, "pairs": pairs if scores_pairs else []}
-    return eval_cache.cache_path(recipe.model, load_tokenizer(recipe.model), inputs, settings)
+    return eval_cache.cache_path(name, identity[name], recipe.model, load_tokenizer(recipe.model), inputs, settings)
 
 
 def _held_out(prepared: Path, split: str) -> list[dict]:
