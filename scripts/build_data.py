@@ -546,8 +546,8 @@ def quickstart_mix(preferences: Sequence[dict], seed: int) -> list[dict]:
     taken = {p["id"] for p in candidates}
     others = [p for p in head if p["kind"] == "constraint" and p["id"] not in taken][:OTHER_CONSTRAINT_PAIRS]
     rows = _first_per_focus_type(drawn, PER_FOCUS_TYPE) + others + [p for p in drawn if p["kind"] != "constraint"]
-    random.Random(seed + 2).shuffle(rows)
-    rows += _top_up(rows, constraint, MIN_PAIRS_PER_TYPE)
+    random.Random(seed + 2).shuffle(rows)  # the 100-pair mix measured before the top-up; only its order
+    rows += _top_up(rows, constraint, MIN_PAIRS_PER_TYPE)  # reaches the shipped file (through the shuffle below)
     random.Random(seed).shuffle(rows)
     return rows
 
