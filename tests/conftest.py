@@ -128,3 +128,23 @@ def tiny_recipe(tmp_path: Path, tiny_model_dir: Path) -> dict:
         "dpo": {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1.0e-2, "max_length": 128,
                 "save_steps": 2, "logging_steps": 1},
     }
+
+
+@pytest.fixture(scope="module")
+def sft_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished SFT stage of the tiny model (prepare → sft), built once per test module."""
+    from pipeline.config import validate_recipe
+    from pipeline.runner import run_recipe
+
+    tmp = tmp_path_factory.mktemp("sft-run")
+    write_jsonl(tmp / "sft.jsonl", tiny_sft_rows())
+    raw = {
+        "name": "tiny", "output_dir": str(tmp / "runs"),
+        "model": {"name_or_path": str(build_tiny_model(tmp / "model")), "chat_template": "chatml"},
+        "data": {"sft": [{"path": str(tmp / "sft.jsonl"), "format": "alpaca"}], "eval_fraction": 0.2, "seed": 1},
+        "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+        "sft": {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "max_length": 128,
+                "save_steps": 2, "logging_steps": 1, "report_to": "none"},
+    }
+    run_recipe(validate_recipe(raw), log=lambda _: None)
+    return tmp / "runs" / "sft"

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py's kernels mode (the per-token floor the README's time analysis uses), on the tiny model."""
+"""scripts/benchmark.py's kernels and quick modes and scripts/bench_eval_generation.py, on the tiny model."""
 
 from __future__ import annotations
 
@@ -59,3 +59,17 @@ def test_quick_mode_compares_the_pipeline_with_plain_trl_and_the_bare_model(tmp_
     for stage in ("sft", "dpo"):  # the floor ratio's numerator: the optimizer steps, inside train()
         seconds = result["seconds"]
         assert 0 < seconds[f"{stage}_pipeline_steps_s"][0] <= seconds[f"{stage}_pipeline_train_s"][0], stage
+
+
+def test_eval_generation_bench_times_each_batch_setting_on_the_same_prompts(tmp_path: Path, sft_stage: Path,
+                                                                          capsys) -> None:
+    prompts = write_jsonl(tmp_path / "eval.jsonl", [
+        {"prompt": f"Name a colour ({i}). Do not use any commas.", "instruction_id_list": ["punctuation:no_comma"],
+         "kwargs": [{}]} for i in range(5)])
+    load_script("bench_eval_generation").main([str(sft_stage), "--eval-prompts", str(prompts), "--prompts", "4",
+                                               "--max-new-tokens", "6", "--batch-sizes", "4", "2", "p2"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["setting"] for line in lines] == ["4", "2", "p2"]
+    assert all(line["seconds"] > 0 and 0 < line["new_tokens"] <= 4 * 6 for line in lines)
+    assert lines[0]["same_answers_as_first"] is None
+    assert [line["same_answers_as_first"] for line in lines[1:]] == [4, 4]  # batching does not change answers

@@ -3,35 +3,15 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model, tiny_sft_rows, write_jsonl
 
 import pipeline.inference
 from pipeline.cli import main_chat
-from pipeline.config import validate_recipe
 from pipeline.errors import PipelineError
 from pipeline.export import export
-from pipeline.runner import run_recipe
 
 MAX_NEW = "12"
-
-
-@pytest.fixture(scope="module")
-def sft_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("chat-run")
-    write_jsonl(tmp / "sft.jsonl", tiny_sft_rows())
-    raw = {
-        "name": "tiny", "output_dir": str(tmp / "runs"),
-        "model": {"name_or_path": str(build_tiny_model(tmp / "model")), "chat_template": "chatml"},
-        "data": {"sft": [{"path": str(tmp / "sft.jsonl"), "format": "alpaca"}], "eval_fraction": 0.2, "seed": 1},
-        "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
-        "sft": {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "max_length": 128,
-                "save_steps": 2, "logging_steps": 1, "report_to": "none"},
-    }
-    run_recipe(validate_recipe(raw), log=lambda _: None)
-    return tmp / "runs" / "sft"
 
 
 @pytest.fixture
