@@ -2,7 +2,7 @@
 
 The base model never changes, yet every run decoded it again (about 5.5 minutes of the quickstart's eval on
 an AVX2 CPU: its answers never stop, so each runs to the token limit); and a run that re-trains only DPO
-evaluated the unchanged SFT model again (about 5.5 minutes more). Each model's results are stored in the user
+evaluated the unchanged SFT model again (about 6 minutes more). Each model's results are stored in the user
 cache (``$PIPELINE_CACHE`` or ``~/.cache/instruct-pipeline``, under ``eval/``), keyed by everything they depend
 on: the model's weights (the base model's location and file hashes; for a trained stage, the sha256 of every
 file its manifest records, its adapter and tokenizer included, on top of the base's), the weights of the model
