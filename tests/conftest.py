@@ -68,6 +68,13 @@ def build_tiny_model(directory: Path, arch: str = "llama", seed: int = 0) -> Pat
     return directory
 
 
+@pytest.fixture(autouse=True)
+def _test_user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never write to the user's cache (``~/.cache/instruct-pipeline``): the eval results, calibrations and
+    hash memos of tiny models go to one directory per test session. A test may point it elsewhere."""
+    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path_factory.getbasetemp() / "user-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

@@ -451,14 +451,17 @@ def _cached_quickstart_model() -> Path | None:
     return found[0].parent if found else None
 
 
-@pytest.mark.skipif(_cached_quickstart_model() is None,
+QUICKSTART_MODEL = _cached_quickstart_model()  # looked up at import: tests run with a cache of their own
+
+
+@pytest.mark.skipif(QUICKSTART_MODEL is None,
                     reason="the quickstart model is not converted in the local cache (run the quickstart once)")
 def test_control_tokens_stay_plain_text_with_the_quickstart_tokenizer(tmp_path):
     from pipeline.data.formats import load_sft_examples
     from pipeline.inference import chat_inputs
     from pipeline.models import control_tokens, load_tokenizer
 
-    model_cfg = {**MODEL_DEFAULTS, "name_or_path": str(_cached_quickstart_model()), "chat_template": "auto"}
+    model_cfg = {**MODEL_DEFAULTS, "name_or_path": str(QUICKSTART_MODEL), "chat_template": "auto"}
     tokenizer = load_tokenizer(model_cfg)
     conversation = _injected_conversation()
     source = write_jsonl(tmp_path / "inject.jsonl", [{"messages": conversation}])
