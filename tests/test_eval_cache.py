@@ -49,10 +49,28 @@ def test_a_second_evaluation_of_the_same_base_reads_its_results_from_the_user_ca
 
     monkeypatch.setattr(evaluate, "generate_for_prompts", no_generation)
     second, second_dir = _run_base_eval(tiny_recipe, tmp_path, "two")
-    assert "base: evaluation read from the cache" in capsys.readouterr().out
+    assert "base: answers and log-probs read from the cache" in capsys.readouterr().out
     assert second == first and first["base"]["heldout_loss"] > 0
     assert (second_dir / "generations_base.jsonl").read_text() == (first_dir / "generations_base.jsonl").read_text()
     assert "| format_compliance |" in (second_dir / "report.md").read_text()
+
+
+def test_cached_answers_are_scored_again(tiny_recipe, tmp_path, user_cache, monkeypatch):
+    """The cache holds what the model produced; a changed checker re-scores it (here: one every answer passes)."""
+    first, _ = _run_base_eval(tiny_recipe, tmp_path, "one")
+    assert first["base"]["instruction_level_loose"] == 0.0  # the tiny model's random text passes no check
+    real = evaluate.score_generations
+
+    def lenient_checker(prompts, outputs):
+        for out in outputs:
+            out["text"] = "waves fold."  # lowercase, no comma: passes both checks
+        return real(prompts, outputs)
+
+    monkeypatch.setattr(evaluate, "score_generations", lenient_checker)
+    monkeypatch.setattr(evaluate, "generate_for_prompts", lambda *a, **k: pytest.fail("generated again"))
+    second, _ = _run_base_eval(tiny_recipe, tmp_path, "two")
+    assert second["base"]["heldout_loss"] == first["base"]["heldout_loss"]  # the model's log-probs: from the cache
+    assert second["base"]["instruction_level_loose"] == 1.0
 
 
 def test_other_generation_settings_are_not_read_from_the_cache(tiny_recipe, tmp_path, user_cache, capsys):

@@ -66,49 +66,62 @@ def _load_for(ctx: StageContext, name: str) -> tuple[Any, Any]:
 def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversations: list, pairs: list,
                     logps: dict[str, list], needed: set[str], losses: dict[str, list]) -> dict:
     """Metrics of one model; fills ``logps[name]`` (its pair log-probs) when a stage needs them, and
-    ``losses[name]`` (per-answer held-out log-probs, for the loss's interval)."""
+    ``losses[name]`` (per-answer held-out log-probs, for the loss's interval).
+
+    What the model produced (answers, log-probs) may come from the user cache; the scores are always computed
+    here, so a changed checker re-scores cached answers.
+    """
+    rows = [json.loads(line) for line in
+            _model_outputs(ctx, name, prompts, conversations, pairs, logps, needed, losses).splitlines()]
+    metrics: dict[str, Any] = {}
+    if conversations:
+        metrics["heldout_loss"] = mean_nll(losses[name])
+    if pairs and name in REFERENCE:
+        metrics.update(preference_accuracy(logps[name], logps[REFERENCE[name]]))
+    metrics.update(score_generations(prompts, rows))  # also writes each row's constraint results into it
+    atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl",
+                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return metrics
+
+
+def _model_outputs(ctx: StageContext, name: str, prompts: list[dict], conversations: list, pairs: list,
+                   logps: dict[str, list], needed: set[str], losses: dict[str, list]) -> str:
+    """Model ``name``'s answers to ``prompts`` (JSONL text), its held-out scores and pair log-probs: from the
+    user cache when this exact model had exactly this evaluation before (the base model; an SFT model that a
+    DPO-only re-run kept), else by running it."""
     cfg = ctx.recipe.eval
-    # A model evaluated before on exactly this evaluation (the base model; an SFT model a DPO-only re-run kept)
-    # is read back from the user cache.
     cache = cache_path(ctx.recipe, name, prompts, conversations, pairs, name in needed)
     cached = eval_cache.load(cache)
-    if cached is not None:
-        print(f"  {name}: evaluation read from the cache {cache} (same model weights, eval data and generation "
-              "settings; delete the file to recompute)", flush=True)
+    if cached is not None and (cached.get("losses") is not None or not conversations):
+        print(f"  {name}: answers and log-probs read from the cache {cache} (same model weights, eval data and "
+              "generation settings; delete the file to recompute)", flush=True)
         if cached["logps"] is not None:
             logps[name] = [tuple(pair) for pair in cached["logps"]]
         if cached.get("reference_logps") is not None:  # its reference's, when that model is not evaluated itself
             logps.setdefault(REFERENCE[name], [tuple(pair) for pair in cached["reference_logps"]])
-        if cached.get("losses") is not None:  # per-answer scores: the held-out loss's interval needs them
+        if conversations:  # per-answer scores: the held-out loss and its interval need them
             losses[name] = cached["losses"]
-        atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl", cached["generations"])
-        return cached["metrics"]
+        return cached["generations"]
     model, tokenizer = _load_for(ctx, name)
-    metrics: dict[str, Any] = {}
     if conversations:
         losses[name] = heldout_scores(model, tokenizer, conversations, desc=f"{name} held-out loss")
-        metrics["heldout_loss"] = mean_nll(losses[name])
     if pairs and name in needed:
         logps[name] = pair_logps(model, tokenizer, pairs, desc=f"{name} preference pairs")
-    if pairs and name in REFERENCE:
-        reference = REFERENCE[name]
-        if reference not in logps:  # its reference is not evaluated itself: score the pairs with it alone
-            ref_model, ref_tokenizer = _load_for(ctx, reference)
-            logps[reference] = pair_logps(ref_model, ref_tokenizer, pairs, desc=f"{reference} preference pairs")
-            del ref_model
-        metrics.update(preference_accuracy(logps[name], logps[reference]))
+    reference = REFERENCE.get(name)
+    if pairs and reference and reference not in logps:  # its reference is not evaluated itself: score with it alone
+        ref_model, ref_tokenizer = _load_for(ctx, reference)
+        logps[reference] = pair_logps(ref_model, ref_tokenizer, pairs, desc=f"{reference} preference pairs")
+        del ref_model
     outputs = generate_for_prompts(model, tokenizer, prompts, max_new_tokens=cfg["max_new_tokens"],
                                    batch_size=cfg["batch_size"], desc=f"{name} generation",
                                    continuous=name not in cfg["padded_batches"])
-    metrics.update(score_generations(prompts, outputs))
     rows = [{"key": p.get("key"), "prompt": p["prompt"], **o} for p, o in zip(prompts, outputs, strict=True)]
     generations = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl", generations)
-    eval_cache.store(cache, {"metrics": metrics, "logps": logps.get(name), "losses": losses.get(name),
-                             "reference_logps": logps.get(REFERENCE.get(name, "")), "generations": generations})
+    eval_cache.store(cache, {"logps": logps.get(name), "losses": losses.get(name),
+                             "reference_logps": logps.get(reference or ""), "generations": generations})
     del model
     gc.collect()
-    return metrics
+    return generations
 
 
 def cache_path(recipe: Any, name: str, prompts: list[dict], conversations: list, pairs: list,
