@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         tokens = sum(a["new_tokens"] for a in answers)
         same = None if first is None else sum(a["text"] == b["text"] for a, b in zip(first, answers, strict=True))
         first = first or answers
-        print(json.dumps({"setting": setting, "seconds": round(seconds, 1), "new_tokens": tokens,
+        print(json.dumps({"setting": setting, "seconds": round(seconds, 2), "new_tokens": tokens,
                           "tokens_per_s": round(tokens / seconds, 1), "same_answers_as_first": same}), flush=True)
 
 

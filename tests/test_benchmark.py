@@ -70,6 +70,7 @@ def test_eval_generation_bench_times_each_batch_setting_on_the_same_prompts(tmp_
                                                "--max-new-tokens", "6", "--batch-sizes", "4", "2", "p2"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [line["setting"] for line in lines] == ["4", "2", "p2"]
-    assert all(line["seconds"] > 0 and 0 < line["new_tokens"] <= 4 * 6 for line in lines)
+    assert all(line["seconds"] >= 0 and line["tokens_per_s"] > 0 for line in lines)
+    assert {line["new_tokens"] for line in lines} == {4 * 6}  # the tiny model never stops within 6 tokens
     assert lines[0]["same_answers_as_first"] is None
     assert [line["same_answers_as_first"] for line in lines[1:]] == [4, 4]  # batching does not change answers
