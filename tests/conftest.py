@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,11 +69,14 @@ def build_tiny_model(directory: Path, arch: str = "llama", seed: int = 0) -> Pat
     return directory
 
 
-@pytest.fixture(autouse=True)
-def _test_user_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def _test_user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Tests never write to the user's cache (``~/.cache/instruct-pipeline``): the eval results, calibrations and
-    hash memos of tiny models go to one directory per test session. A test may point it elsewhere."""
-    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path_factory.getbasetemp() / "user-cache"))
+    hash memos of tiny models go to one directory per test session, set before any other fixture runs (so also
+    for the subprocesses module-scoped fixtures start). A test may point it elsewhere."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PIPELINE_CACHE", str(tmp_path_factory.getbasetemp() / "user-cache"))
+        yield
 
 
 @pytest.fixture(scope="session")
