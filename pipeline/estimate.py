@@ -235,7 +235,7 @@ def _eval(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds, train: tu
     from pipeline.stages.evaluate import REFERENCE, cache_path, eval_inputs
 
     cfg = recipe.eval
-    prompts, conversations, pairs = eval_inputs(recipe, prepared)
+    prompts, conversations, pairs = eval_inputs(recipe, prepared, tokenizer)
     # the eval stage evaluates every model of eval.models whose stage the recipe has, each time it runs
     names = [n for n in ("base", "sft", "dpo") if n in cfg["models"] and (n == "base" or n in recipe.enabled_stages())]
     needed = {n for n in names if n in REFERENCE} | {REFERENCE[n] for n in names if n in REFERENCE}
@@ -248,7 +248,7 @@ def _eval(recipe: Any, prepared: Path, tokenizer: Any, speeds: Speeds, train: tu
     seconds, cached = 0.0, []
     for name in names:
         if name not in stages:  # the base model, or a stage the plan keeps: evaluated before?
-            path = cache_path(recipe, name, prompts, conversations, pairs, name in needed)
+            path = cache_path(recipe, tokenizer, name, prompts, conversations, pairs, name in needed)
             if path is not None and path.is_file():
                 cached.append(name)
                 continue

@@ -63,34 +63,32 @@ def _load_for(ctx: StageContext, name: str) -> tuple[Any, Any]:
     return load(ctx.upstream_dir(name), merge=True)  # merged: faster, same outputs
 
 
-def _evaluate_model(ctx: StageContext, name: str, prompts: list[dict], conversations: list, pairs: list,
-                    logps: dict[str, list], needed: set[str], losses: dict[str, list]) -> dict:
+def _evaluate_model(ctx: StageContext, tokenizer: Any, name: str, prompts: list[dict], conversations: list,
+                    pairs: list, logps: dict[str, list], needed: set[str], losses: dict[str, list]) -> dict:
     """Metrics of one model; fills ``logps[name]`` (its pair log-probs) when a stage needs them, and
     ``losses[name]`` (per-answer held-out log-probs, for the loss's interval).
 
     What the model produced (answers, log-probs) may come from the user cache; the scores are always computed
     here, so a changed checker re-scores cached answers.
     """
-    rows = [json.loads(line) for line in
-            _model_outputs(ctx, name, prompts, conversations, pairs, logps, needed, losses).splitlines()]
+    rows = _model_outputs(ctx, tokenizer, name, prompts, conversations, pairs, logps, needed, losses)
     metrics: dict[str, Any] = {}
     if conversations:
         metrics["heldout_loss"] = mean_nll(losses[name])
     if pairs and name in REFERENCE:
         metrics.update(preference_accuracy(logps[name], logps[REFERENCE[name]]))
     metrics.update(score_generations(prompts, rows))  # also writes each row's constraint results into it
-    atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl",
-                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl", _jsonl(rows))
     return metrics
 
 
-def _model_outputs(ctx: StageContext, name: str, prompts: list[dict], conversations: list, pairs: list,
-                   logps: dict[str, list], needed: set[str], losses: dict[str, list]) -> str:
-    """Model ``name``'s answers to ``prompts`` (JSONL text), its held-out scores and pair log-probs: from the
+def _model_outputs(ctx: StageContext, tokenizer: Any, name: str, prompts: list[dict], conversations: list,
+                   pairs: list, logps: dict[str, list], needed: set[str], losses: dict[str, list]) -> list[dict]:
+    """Model ``name``'s answers to ``prompts`` (one row each), its held-out scores and pair log-probs: from the
     user cache when this exact model had exactly this evaluation before (the base model; an SFT model that a
     DPO-only re-run kept), else by running it."""
     cfg = ctx.recipe.eval
-    cache = cache_path(ctx.recipe, name, prompts, conversations, pairs, name in needed)
+    cache = cache_path(ctx.recipe, tokenizer, name, prompts, conversations, pairs, name in needed)
     cached = eval_cache.load(cache)
     if cached is not None and (cached.get("losses") is not None or not conversations):
         print(f"  {name}: answers and log-probs read from the cache {cache} (same model weights, eval data and "
@@ -101,30 +99,33 @@ def _model_outputs(ctx: StageContext, name: str, prompts: list[dict], conversati
             logps.setdefault(REFERENCE[name], [tuple(pair) for pair in cached["reference_logps"]])
         if conversations:  # per-answer scores: the held-out loss and its interval need them
             losses[name] = cached["losses"]
-        return cached["generations"]
-    model, tokenizer = _load_for(ctx, name)
+        return [json.loads(line) for line in cached["generations"].splitlines()]
+    model, model_tokenizer = _load_for(ctx, name)
     if conversations:
-        losses[name] = heldout_scores(model, tokenizer, conversations, desc=f"{name} held-out loss")
+        losses[name] = heldout_scores(model, model_tokenizer, conversations, desc=f"{name} held-out loss")
     if pairs and name in needed:
-        logps[name] = pair_logps(model, tokenizer, pairs, desc=f"{name} preference pairs")
+        logps[name] = pair_logps(model, model_tokenizer, pairs, desc=f"{name} preference pairs")
     reference = REFERENCE.get(name)
     if pairs and reference and reference not in logps:  # its reference is not evaluated itself: score with it alone
         ref_model, ref_tokenizer = _load_for(ctx, reference)
         logps[reference] = pair_logps(ref_model, ref_tokenizer, pairs, desc=f"{reference} preference pairs")
         del ref_model
-    outputs = generate_for_prompts(model, tokenizer, prompts, max_new_tokens=cfg["max_new_tokens"],
+    outputs = generate_for_prompts(model, model_tokenizer, prompts, max_new_tokens=cfg["max_new_tokens"],
                                    batch_size=cfg["batch_size"], desc=f"{name} generation",
                                    continuous=name not in cfg["padded_batches"])
     rows = [{"key": p.get("key"), "prompt": p["prompt"], **o} for p, o in zip(prompts, outputs, strict=True)]
-    generations = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     eval_cache.store(cache, {"logps": logps.get(name), "losses": losses.get(name),
-                             "reference_logps": logps.get(reference or ""), "generations": generations})
+                             "reference_logps": logps.get(reference or ""), "generations": _jsonl(rows)})
     del model
     gc.collect()
-    return generations
+    return rows
 
 
-def cache_path(recipe: Any, name: str, prompts: list[dict], conversations: list, pairs: list,
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def cache_path(recipe: Any, tokenizer: Any, name: str, prompts: list[dict], conversations: list, pairs: list,
                scores_pairs: bool) -> Path | None:
     """Model ``name``'s cache entry for exactly this evaluation, None if not cacheable (``stages/eval_cache.py``).
 
@@ -144,7 +145,7 @@ def cache_path(recipe: Any, name: str, prompts: list[dict], conversations: list,
             return None
         settings["reference"] = identity[REFERENCE[name]]
     inputs = {"prompts": prompts, "conversations": conversations, "pairs": pairs if scores_pairs else []}
-    return eval_cache.cache_path(name, identity[name], recipe.model, load_tokenizer(recipe.model), inputs, settings)
+    return eval_cache.cache_path(name, identity[name], recipe.model, tokenizer, inputs, settings)
 
 
 def _held_out(prepared: Path, split: str) -> list[dict]:
@@ -155,7 +156,7 @@ def _held_out(prepared: Path, split: str) -> list[dict]:
     return list(rows.select(range(min(MAX_HELDOUT_ROWS, len(rows)))))
 
 
-def eval_inputs(recipe: Any, prepared: Path) -> tuple[list[dict], list[list[dict]], list[dict]]:
+def eval_inputs(recipe: Any, prepared: Path, tokenizer: Any) -> tuple[list[dict], list[list[dict]], list[dict]]:
     """What the stage evaluates: the prompts, the held-out conversations it scores and the preference pairs."""
     cfg = recipe.eval
     if not cfg["prompts"]:
@@ -167,7 +168,6 @@ def eval_inputs(recipe: Any, prepared: Path) -> tuple[list[dict], list[list[dict
     if not conversations:
         conversations = [row["messages"] for row in _held_out(prepared, "sft_eval")]
     if cfg["preferences"]:
-        tokenizer = load_tokenizer(recipe.model)
         pairs, _ = load_preference_examples([{"path": cfg["preferences"]}], control_tokens=control_tokens(tokenizer))
     else:
         pairs = _held_out(prepared, "dpo_eval")
@@ -200,13 +200,14 @@ def _add_intervals(ctx: StageContext, metrics: dict[str, dict], prompts: list[di
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.recipe.eval
-    prompts, conversations, pairs = eval_inputs(ctx.recipe, ctx.upstream_dir("prepare"))
+    tokenizer = load_tokenizer(ctx.recipe.model)  # about 6 s for gemma's: loaded once, for every model's cache key
+    prompts, conversations, pairs = eval_inputs(ctx.recipe, ctx.upstream_dir("prepare"), tokenizer)
     # In pipeline order, so each reference is scored before the stage that uses it.
     names = [n for n in ("base", "sft", "dpo") if n in cfg["models"] and (n == "base" or n in ctx.upstream)]
     needed = {n for n in names if n in REFERENCE} | {REFERENCE[n] for n in names if n in REFERENCE}
     logps: dict[str, list] = {}
     losses: dict[str, list] = {}
-    metrics = {name: _evaluate_model(ctx, name, prompts, conversations, pairs, logps, needed, losses)
+    metrics = {name: _evaluate_model(ctx, tokenizer, name, prompts, conversations, pairs, logps, needed, losses)
                for name in names}
     _add_intervals(ctx, metrics, prompts, pairs, logps, losses)
 
