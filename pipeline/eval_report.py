@@ -21,6 +21,12 @@ SPLITS = {
     "unseen_phrasing": "trained constraint types, asked for with phrasings no training prompt uses",
     "unseen_type": "at least one constraint type that no training prompt asks for",
 }
+# What the two groups of held-out preference pairs are (evaluation.pair_groups).
+PAIR_GROUPS = {
+    "constraint": "the prompt asks for a checkable constraint; the rejected answer breaks it",
+    "general": "no constraint: the rejected answer rambles, loops, runs on past its turn or answers wrongly",
+}
+PAIR_METRICS = ["implicit_reward_acc", "likelihood_acc"]
 _NOT_PERCENT = {"heldout_loss", "mean_new_tokens"}
 
 
@@ -80,6 +86,21 @@ def _words(metrics: dict[str, dict], steps: list[tuple[str, str]], keys: list[tu
     return lines
 
 
+def _group_table(metrics: dict[str, dict], names: list[str], steps: list[tuple[str, str]], section: str,
+                 label: str, groups: list[str], keys: list[str], size: str) -> list[str]:
+    """One row per group and metric of ``metrics[model][section]``: each model's value, then each step's paired
+    difference."""
+    rows = []
+    for group in groups:
+        for key in keys:
+            cells = [format_value(key, metrics[n].get(section, {}).get(group, {}).get(key),
+                                  metrics[n].get("ci95", {}).get(section, {}).get(group, {}).get(key)) for n in names]
+            cells += [format_difference(key, metrics[b].get("vs", {}).get(a, {}).get(section, {}).get(group, {})
+                                        .get(key)) for a, b in steps]
+            rows.append([group, str(metrics[names[0]].get(section, {}).get(group, {}).get(size, "")), key, *cells])
+    return _table([label, size, "metric", *names, *(f"{a} → {b}" for a, b in steps)], rows)
+
+
 def render_report(metrics: dict[str, dict], prompts: list[dict], stage_dir: Path, samples: int) -> str:
     """The whole report.md for the models in ``metrics`` (pipeline order), from metrics.json's contents."""
     names = list(metrics)
@@ -106,18 +127,14 @@ def render_report(metrics: dict[str, dict], prompts: list[dict], stage_dir: Path
     if splits:
         lines += ["", "## Seen and unseen constraints", ""]
         lines += [f"- **{s}**: {SPLITS[s]}." for s in splits] + [""]
-        rows = []
-        for split in splits:
-            for key in SPLIT_METRICS:
-                cells = [format_value(key, metrics[n].get("by_split", {}).get(split, {}).get(key),
-                                      metrics[n].get("ci95", {}).get("by_split", {}).get(split, {}).get(key))
-                         for n in names]
-                cells += [format_difference(key, metrics[b].get("vs", {}).get(a, {}).get("by_split", {})
-                                            .get(split, {}).get(key)) for a, b in steps]
-                rows.append([split, str(metrics[names[0]].get("by_split", {}).get(split, {}).get("prompts", "")),
-                             key, *cells])
-        lines += _table(["split", "prompts", "metric", *names, *(f"{a} → {b}" for a, b in steps)], rows)
+        lines += _group_table(metrics, names, steps, "by_split", "split", splits, SPLIT_METRICS, "prompts")
         lines += ["", *_words(metrics, steps, [("prompt_level_strict", s) for s in splits])]
+    scored = [n for n in names if "by_pairs" in metrics[n]]
+    kinds = [k for k in PAIR_GROUPS if any(k in metrics[n]["by_pairs"] for n in scored)]
+    if kinds:
+        lines += ["", "## Preference pairs with and without constraints", ""]
+        lines += [f"- **{k}**: {PAIR_GROUPS[k]}." for k in kinds] + [""]
+        lines += _group_table(metrics, scored, _steps(scored), "by_pairs", "pairs of", kinds, PAIR_METRICS, "pairs")
     lines += ["", "![model comparison](comparison.png)", "", "![per constraint type](per_type.png)", "",
               "![training loss](loss_curves.png)", "", "## Strict accuracy per constraint type", "",
               "Per type, over the instructions of that type (few per type: wide intervals).", ""]

@@ -235,11 +235,26 @@ def prompt_clusters(prompts: Sequence[dict[str, Any]]) -> list[Hashable]:
     return [row.get("source_id") or row.get("key") or i for i, row in enumerate(prompts)]
 
 
-def pair_items(policy: Sequence[tuple[float, float]], reference: Sequence[tuple[float, float]]) -> Items:
-    """Per-pair values of :func:`preference_accuracy`."""
-    implicit = [float((c - rc) > (r - rr)) for (c, r), (rc, rr) in zip(policy, reference, strict=True)]
-    ones = [1.0] * len(policy)
-    return {"implicit_reward_acc": (implicit, ones), "likelihood_acc": ([float(c > r) for c, r in policy], ones)}
+def pair_groups(pairs: Sequence[dict[str, Any]]) -> list[str]:
+    """Each eval pair's group for ``by_pairs``: ``constraint`` when its prompt carries checkable constraints,
+    else ``general`` (answer quality: rambling, loops, wrong answers)."""
+    return ["constraint" if pair.get("constraints") and json.loads(pair["constraints"])["instruction_id_list"]
+            else "general" for pair in pairs]
+
+
+def pair_items(policy: Sequence[tuple[float, float]], reference: Sequence[tuple[float, float]],
+               groups: Sequence[str] = ()) -> Items:
+    """Per-pair values of :func:`preference_accuracy`; with ``groups`` (:func:`pair_groups`) holding more than
+    one group, also per group (``by_pairs/<group>/<metric>``)."""
+    values = {"implicit_reward_acc": [float((c - rc) > (r - rr))
+                                      for (c, r), (rc, rr) in zip(policy, reference, strict=True)],
+              "likelihood_acc": [float(c > r) for c, r in policy]}
+    items: Items = {key: (v, [1.0] * len(v)) for key, v in values.items()}
+    for group in sorted(set(groups)) if len(set(groups)) > 1 else ():
+        member = [float(g == group) for g in groups]
+        for key, v in values.items():
+            items[f"by_pairs/{group}/{key}"] = ([x * m for x, m in zip(v, member, strict=True)], member)
+    return items
 
 
 def loss_items(scored: Sequence[tuple[float, int]]) -> Items:
@@ -293,20 +308,18 @@ def _r(x: float) -> float | None:
 
 def interval_summary(intervals: dict[str, Estimate], differences: dict[str, dict[str, Estimate]]
                      ) -> dict[str, Any]:
-    """The metrics.json additions of one model: ``ci95`` (``[low, high]`` per metric), ``by_split`` point
-    values, and ``vs`` (per earlier model: the paired difference, its interval and a verdict in words)."""
-    summary: dict[str, Any] = {
-        "ci95": nest({k: [_r(e.low), _r(e.high)] for k, e in intervals.items()}),
-        "by_split": nest({k.split("/", 1)[1]: _r(e.value) for k, e in intervals.items()
-                          if k.startswith("by_split/")}),
-        "vs": {},
-    }
+    """The metrics.json additions of one model: ``ci95`` (``[low, high]`` per metric), ``by_split`` and
+    ``by_pairs`` point values, and ``vs`` (per earlier model: the paired difference, its interval and a verdict in words)."""
+    summary: dict[str, Any] = {"ci95": nest({k: [_r(e.low), _r(e.high)] for k, e in intervals.items()})}
+    for section in ("by_split", "by_pairs"):
+        values = nest({k.split("/", 1)[1]: _r(e.value) for k, e in intervals.items() if k.startswith(f"{section}/")})
+        if values:
+            summary[section] = values
+    summary["vs"] = {}
     for earlier, diffs in differences.items():
         summary["vs"][earlier] = nest({
             k: {"diff": _r(e.value), "ci95": [_r(e.low), _r(e.high)],
                 "verdict": verdict(e, DIRECTION.get(k.rsplit("/", 1)[-1], True))} for k, e in diffs.items()})
-    if not summary["by_split"]:
-        del summary["by_split"]
     return summary
 
 

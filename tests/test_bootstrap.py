@@ -10,7 +10,15 @@ import pytest
 from pipeline.bootstrap import Estimate, Resamples, cluster_index, per_cluster, verdict
 from pipeline.errors import PipelineError
 from pipeline.eval_report import format_difference, format_value, render_report
-from pipeline.evaluation import bootstrap_metrics, interval_summary, nest, prompt_clusters, prompt_items
+from pipeline.evaluation import (
+    bootstrap_metrics,
+    interval_summary,
+    nest,
+    pair_groups,
+    pair_items,
+    prompt_clusters,
+    prompt_items,
+)
 
 
 def coin(n: int, p: float, seed: int) -> list[float]:
@@ -159,3 +167,44 @@ def test_report_formats_rates_in_percent_and_states_each_step_in_words(tmp_path)
     assert "2 held-out prompts built from 1 held-out questions" in report
     assert "base → sft, prompt_level_strict: +30.0 [+20.0, +40.0]: a real gain" in report
     assert "on seen prompts: +40.0 [-10.0, +90.0]: within noise" in report
+
+
+PAIRS = [{"constraints": '{"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}'}, {"constraints": None},
+         {"constraints": '{"instruction_id_list": [], "kwargs": []}'},
+         {"constraints": '{"instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}'}]
+
+
+def test_pair_items_split_preference_accuracy_into_constraint_and_general_pairs():
+    # (chosen, rejected) log-probs: the policy raises chosen over its reference on pairs 0 and 2 only
+    policy = [(-10.0, -12.0), (-20.0, -15.0), (-5.0, -9.0), (-30.0, -29.0)]
+    reference = [(-11.0, -11.0), (-20.0, -20.0), (-6.0, -6.0), (-30.0, -30.0)]
+    groups = pair_groups(PAIRS)
+    assert groups == ["constraint", "general", "general", "constraint"]
+    items = pair_items(policy, reference, groups)
+    assert items["implicit_reward_acc"] == ([1.0, 0.0, 1.0, 0.0], [1.0] * 4)
+    assert items["by_pairs/constraint/implicit_reward_acc"] == ([1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 1.0])
+    assert items["by_pairs/general/likelihood_acc"] == ([0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0])
+    # one group only: nothing to split
+    assert set(pair_items(policy, reference, ["general"] * 4)) == {"implicit_reward_acc", "likelihood_acc"}
+    intervals, differences = bootstrap_metrics([(list(range(4)), {"sft": items, "dpo": items})], ["sft", "dpo"])
+    summary = interval_summary(intervals["dpo"], {"sft": differences[("sft", "dpo")]})
+    assert summary["by_pairs"] == {"constraint": {"implicit_reward_acc": 0.5, "likelihood_acc": 0.5},
+                                   "general": {"implicit_reward_acc": 0.5, "likelihood_acc": 0.5}}
+    assert summary["vs"]["sft"]["by_pairs"]["general"]["implicit_reward_acc"]["diff"] == 0.0
+    assert "by_split" not in summary
+
+
+def test_report_shows_preference_accuracy_per_pair_group_for_the_trained_models(tmp_path):
+    def model(acc: float) -> dict:
+        return {"implicit_reward_acc": acc, "by_pairs": {"constraint": {"pairs": 30, "implicit_reward_acc": acc},
+                                                         "general": {"pairs": 30, "implicit_reward_acc": 1.0}},
+                "ci95": {"by_pairs": {"constraint": {"implicit_reward_acc": [acc - 0.1, acc + 0.1]}}}}
+
+    metrics = {"base": {"prompt_level_strict": 0.2}, "sft": model(0.8), "dpo": model(0.9)}
+    metrics["dpo"]["vs"] = {"sft": {"by_pairs": {"constraint": {"implicit_reward_acc": {
+        "diff": 0.1, "ci95": [0.0, 0.2], "verdict": "within noise"}}}}}
+    report = render_report(metrics, [{"prompt": "Hi."}], tmp_path, samples=0)
+    assert "| pairs of | pairs | metric | sft | dpo | sft → dpo |" in report
+    assert ("| constraint | 30 | implicit_reward_acc | 80.0 % [70.0, 90.0] | 90.0 % [80.0, 100.0] | "
+            "+10.0 [+0.0, +20.0] **within noise** |") in report
+    assert "| general | 30 | implicit_reward_acc | 100.0 % | 100.0 % | – |" in report

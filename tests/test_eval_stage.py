@@ -79,9 +79,19 @@ def test_a_bad_eval_preference_file_stops_the_recipe_before_training(tiny_recipe
     assert not (Path(tiny_recipe["output_dir"]) / "prepare").exists()  # nothing ran
 
 
+PAIRS = [  # held-out preference pairs: two whose prompt carries a constraint, one without
+    {"prompt": "Describe the sea. Answer in all lowercase letters.", "chosen": "the sea is wide.",
+     "rejected": "The Sea is wide.", "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]},
+    {"prompt": "Say hi. Do not use any commas.", "chosen": "Hi there.", "rejected": "Hi, there.",
+     "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Blue blue blue blue blue blue."},
+]
+
+
 def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):
     prompts = write_jsonl(tmp_path / "eval_prompts.jsonl", PROMPTS)
-    tiny_recipe["eval"] = {"prompts": str(prompts), "max_new_tokens": 6, "batch_size": 2, "num_samples": 2}
+    tiny_recipe["eval"] = {"prompts": str(prompts), "max_new_tokens": 6, "batch_size": 2, "num_samples": 2,
+                           "preferences": str(write_jsonl(tmp_path / "eval_pairs.jsonl", PAIRS))}
     recipe = validate_recipe(tiny_recipe)
     actions = {o.stage: o.action for o in run_recipe(recipe, log=lambda _: None)}
     assert actions == {"prepare": "ran", "sft": "ran", "dpo": "ran", "eval": "ran"}
@@ -105,12 +115,19 @@ def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):
         assert step[key]["ci95"][0] <= step[key]["diff"] <= step[key]["ci95"][1]
     assert "prompt_level_strict" in step["by_split"]["seen"]
     assert "ci95" in metrics["sft"] and "implicit_reward_acc" in metrics["sft"]["ci95"]
+    for name in ("sft", "dpo"):  # preference accuracy also per group of pairs, which add up to the whole
+        groups = metrics[name]["by_pairs"]
+        assert {k: g["pairs"] for k, g in groups.items()} == {"constraint": 2, "general": 1}
+        whole = sum(g["implicit_reward_acc"] * g["pairs"] for g in groups.values()) / 3
+        assert whole == pytest.approx(metrics[name]["implicit_reward_acc"], abs=1e-3)
+    assert "by_pairs" not in metrics["base"]
     for png in ("loss_curves.png", "comparison.png", "per_type.png"):
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "| format_compliance |" in report and "**dpo**" in report
     assert "## Is each step a real gain?" in report and "sft → dpo" in report
     assert "## Seen and unseen constraints" in report and "unseen_phrasing" in report
+    assert "## Preference pairs with and without constraints" in report and "| general | 1 |" in report
     manifest = json.loads((out / "manifest.json").read_text())
     assert "ci95" not in manifest["metrics"]["dpo"]  # the manifest keeps the headline numbers only
     rows = [json.loads(line) for line in (out / "generations_dpo.jsonl").read_text().splitlines()]

@@ -33,6 +33,7 @@ from pipeline.evaluation import (
     load_prompts,
     loss_items,
     mean_nll,
+    pair_groups,
     pair_items,
     pair_logps,
     plot_loss_curves,
@@ -182,8 +183,10 @@ def _add_intervals(ctx: StageContext, metrics: dict[str, dict], prompts: list[di
                for n in names}
     groups = [(prompt_clusters(prompts), {n: prompt_items(prompts, outputs[n]) for n in names})]
     scored = [n for n in names if n in REFERENCE and n in logps and REFERENCE[n] in logps]
+    kinds = pair_groups(pairs)
     if pairs and scored:
-        groups.append((list(range(len(pairs))), {n: pair_items(logps[n], logps[REFERENCE[n]]) for n in scored}))
+        groups.append((list(range(len(pairs))), {n: pair_items(logps[n], logps[REFERENCE[n]], kinds)
+                                                 for n in scored}))
     if losses:
         groups.append((list(range(len(next(iter(losses.values()))))), {n: loss_items(v) for n, v in losses.items()}))
     intervals, differences = bootstrap_metrics(groups, names)
@@ -196,6 +199,8 @@ def _add_intervals(ctx: StageContext, metrics: dict[str, dict], prompts: list[di
                                                                 if b == name}))
         for split, size in sizes.items():
             metrics[name].setdefault("by_split", {}).setdefault(split, {})["prompts"] = size
+        for kind, group in metrics[name].get("by_pairs", {}).items():
+            group["pairs"] = kinds.count(kind)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -218,5 +223,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
     atomic_write_json(ctx.stage_dir / "metrics.json", metrics)
     atomic_write_text(ctx.stage_dir / "report.md", render_report(metrics, prompts, ctx.stage_dir, cfg["num_samples"]))
     print(f"  report: {ctx.stage_dir / 'report.md'}", flush=True)
-    nested = ("per_type_strict", "ci95", "by_split", "vs")  # metrics.json has them; the manifest keeps the headline
+    nested = ("per_type_strict", "ci95", "by_split", "by_pairs", "vs")  # metrics.json has them; the manifest keeps the headline
     return {name: {k: v for k, v in m.items() if k not in nested} for name, m in metrics.items()}
