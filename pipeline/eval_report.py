@@ -134,7 +134,7 @@ def render_report(metrics: dict[str, dict], prompts: list[dict], stage_dir: Path
     if kinds:
         lines += ["", "## Preference pairs with and without constraints", ""]
         lines += [f"- **{k}**: {PAIR_GROUPS[k]}." for k in kinds] + [""]
-        lines += _group_table(metrics, scored, _steps(scored), "by_pairs", "pairs of", kinds, PAIR_METRICS, "pairs")
+        lines += _group_table(metrics, scored, _steps(scored), "by_pairs", "group", kinds, PAIR_METRICS, "pairs")
     lines += ["", "![model comparison](comparison.png)", "", "![per constraint type](per_type.png)", "",
               "![training loss](loss_curves.png)", "", "## Strict accuracy per constraint type", "",
               "Per type, over the instructions of that type (few per type: wide intervals).", ""]

@@ -309,7 +309,8 @@ def _r(x: float) -> float | None:
 def interval_summary(intervals: dict[str, Estimate], differences: dict[str, dict[str, Estimate]]
                      ) -> dict[str, Any]:
     """The metrics.json additions of one model: ``ci95`` (``[low, high]`` per metric), ``by_split`` and
-    ``by_pairs`` point values, and ``vs`` (per earlier model: the paired difference, its interval and a verdict in words)."""
+    ``by_pairs`` point values, and ``vs`` (per earlier model: the paired difference, its interval and a verdict in
+    words)."""
     summary: dict[str, Any] = {"ci95": nest({k: [_r(e.low), _r(e.high)] for k, e in intervals.items()})}
     for section in ("by_split", "by_pairs"):
         values = nest({k.split("/", 1)[1]: _r(e.value) for k, e in intervals.items() if k.startswith(f"{section}/")})

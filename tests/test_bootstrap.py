@@ -204,7 +204,7 @@ def test_report_shows_preference_accuracy_per_pair_group_for_the_trained_models(
     metrics["dpo"]["vs"] = {"sft": {"by_pairs": {"constraint": {"implicit_reward_acc": {
         "diff": 0.1, "ci95": [0.0, 0.2], "verdict": "within noise"}}}}}
     report = render_report(metrics, [{"prompt": "Hi."}], tmp_path, samples=0)
-    assert "| pairs of | pairs | metric | sft | dpo | sft → dpo |" in report
+    assert "| group | pairs | metric | sft | dpo | sft → dpo |" in report
     assert ("| constraint | 30 | implicit_reward_acc | 80.0 % [70.0, 90.0] | 90.0 % [80.0, 100.0] | "
             "+10.0 [+0.0, +20.0] **within noise** |") in report
     assert "| general | 30 | implicit_reward_acc | 100.0 % | 100.0 % | – |" in report

@@ -223,5 +223,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     atomic_write_json(ctx.stage_dir / "metrics.json", metrics)
     atomic_write_text(ctx.stage_dir / "report.md", render_report(metrics, prompts, ctx.stage_dir, cfg["num_samples"]))
     print(f"  report: {ctx.stage_dir / 'report.md'}", flush=True)
-    nested = ("per_type_strict", "ci95", "by_split", "by_pairs", "vs")  # metrics.json has them; the manifest keeps the headline
+    # metrics.json has the nested parts; the manifest keeps the headline numbers
+    nested = ("per_type_strict", "ci95", "by_split", "by_pairs", "vs")
     return {name: {k: v for k, v in m.items() if k not in nested} for name, m in metrics.items()}
