@@ -242,18 +242,37 @@ def pair_groups(pairs: Sequence[dict[str, Any]]) -> list[str]:
             else "general" for pair in pairs]
 
 
+def pair_rows(pairs: Sequence[dict[str, Any]], policy: Sequence[tuple[float, float]],
+              reference: Sequence[tuple[float, float]]) -> list[dict[str, Any]]:
+    """One row per held-out pair for ``pairs_<model>.jsonl``: its prompt, group, the summed log-probs of chosen and
+    rejected under the model and its reference, and whether each accuracy counts it right."""
+    rows = []
+    for i, (pair, group, (c, r), (rc, rr)) in enumerate(zip(pairs, pair_groups(pairs), policy, reference,
+                                                            strict=True)):
+        rows.append({"pair": i, "group": group, "prompt": pair["prompt"][-1]["content"],
+                     "logp_chosen": round(c, 4), "logp_rejected": round(r, 4),
+                     "ref_logp_chosen": round(rc, 4), "ref_logp_rejected": round(rr, 4),
+                     "implicit_reward_correct": (c - rc) > (r - rr), "likelihood_correct": c > r})
+    return rows
+
+
 def pair_items(policy: Sequence[tuple[float, float]], reference: Sequence[tuple[float, float]],
                groups: Sequence[str] = ()) -> Items:
     """Per-pair values of :func:`preference_accuracy`; with ``groups`` (:func:`pair_groups`) holding more than
     one group, also per group (``by_pairs/<group>/<metric>``)."""
-    values = {"implicit_reward_acc": [float((c - rc) > (r - rr))
-                                      for (c, r), (rc, rr) in zip(policy, reference, strict=True)],
-              "likelihood_acc": [float(c > r) for c, r in policy]}
-    items: Items = {key: (v, [1.0] * len(v)) for key, v in values.items()}
+    return pair_outcome_items({"implicit_reward_acc": [(c - rc) > (r - rr) for (c, r), (rc, rr)
+                                                       in zip(policy, reference, strict=True)],
+                               "likelihood_acc": [c > r for c, r in policy]}, groups)
+
+
+def pair_outcome_items(outcomes: dict[str, Sequence[bool]], groups: Sequence[str] = ()) -> Items:
+    """Items of per-pair right/wrong outcomes (``{metric: [bool per pair]}``), overall and, where ``groups`` holds
+    more than one group, per group (``by_pairs/<group>/<metric>``)."""
+    items: Items = {key: ([float(x) for x in v], [1.0] * len(v)) for key, v in outcomes.items()}
     for group in sorted(set(groups)) if len(set(groups)) > 1 else ():
         member = [float(g == group) for g in groups]
-        for key, v in values.items():
-            items[f"by_pairs/{group}/{key}"] = ([x * m for x, m in zip(v, member, strict=True)], member)
+        for key in outcomes:
+            items[f"by_pairs/{group}/{key}"] = ([x * m for x, m in zip(items[key][0], member, strict=True)], member)
     return items
 
 

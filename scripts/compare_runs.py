@@ -9,7 +9,8 @@ difference is a real gain:
     python scripts/compare_runs.py runs/quickstart runs/variant --model dpo
     python scripts/compare_runs.py runs/quickstart runs/variant --model sft --prompts data/eval_prompts.jsonl
 
-Both runs must have evaluated the same prompt file (the generations are matched by prompt key). The training
+Both runs must have evaluated the same prompt file (the generations are matched by prompt key). Where both runs
+wrote ``eval/pairs_<model>.jsonl``, held-out preference accuracy is compared on the same pairs as well. The training
 seed moves these metrics too (docs/experiments.md): compare two seeds of each before believing a variant.
 """
 
@@ -24,7 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from pipeline.bootstrap import verdict  # noqa: E402
 from pipeline.eval_report import MAIN_METRICS  # noqa: E402
-from pipeline.evaluation import DIRECTION, bootstrap_metrics, load_prompts, prompt_clusters, prompt_items  # noqa: E402
+from pipeline.evaluation import (  # noqa: E402
+    DIRECTION,
+    bootstrap_metrics,
+    load_prompts,
+    pair_outcome_items,
+    prompt_clusters,
+    prompt_items,
+)
 
 
 def read_generations(run: Path, model: str, prompts: list[dict]) -> list[dict]:
@@ -39,14 +47,32 @@ def read_generations(run: Path, model: str, prompts: list[dict]) -> list[dict]:
     return [by_key[p["key"]] for p in prompts]
 
 
+def read_pairs(run: Path, model: str) -> list[dict] | None:
+    """The run's ``eval/pairs_<model>.jsonl`` (held-out preference pairs ranked by that model), if it has one."""
+    path = run / "eval" / f"pairs_{model}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else None
+
+
+def pair_outcomes(rows: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per-pair values of the preference accuracies, overall and per group, from ``pairs_<model>.jsonl`` rows."""
+    return pair_outcome_items({"implicit_reward_acc": [r["implicit_reward_correct"] for r in rows],
+                               "likelihood_acc": [r["likelihood_correct"] for r in rows]}, [r["group"] for r in rows])
+
+
 def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tuple[str, float, float, str]]:
     """``(metric, first value, second value − first value with its interval and verdict)`` per metric."""
     prompts = load_prompts(prompts_path)
     names = [f"{first}", f"{second}"]
     items = {name: prompt_items(prompts, read_generations(Path(name), model, prompts)) for name in names}
-    intervals, differences = bootstrap_metrics([(prompt_clusters(prompts), items)], names)
+    groups = [(prompt_clusters(prompts), items)]
+    pairs = {name: read_pairs(Path(name), model) for name in names}
+    if all(pairs.values()):  # both runs ranked held-out pairs: compare preference accuracy on the same pairs too
+        if [r["prompt"] for r in pairs[names[0]]] != [r["prompt"] for r in pairs[names[1]]]:
+            raise SystemExit("the runs' pairs_*.jsonl hold different preference pairs: they cannot be paired")
+        groups.append((list(range(len(pairs[names[0]]))), {n: pair_outcomes(pairs[n]) for n in names}))
+    intervals, differences = bootstrap_metrics(groups, names)
     diffs = differences[(names[0], names[1])]
-    keys = [k for k in MAIN_METRICS if k in diffs] + sorted(k for k in diffs if k.startswith("by_split/"))
+    keys = [k for k in MAIN_METRICS if k in diffs] + sorted(k for k in diffs if k.startswith(("by_split/", "by_pairs/")))
     rows = []
     for key in keys:
         diff = diffs[key]

@@ -56,3 +56,29 @@ def test_runs_on_different_prompt_files_are_refused(tmp_path: Path) -> None:
         _compare_runs().compare(reference, other, "dpo", str(prompts))
     with pytest.raises(SystemExit, match="did that run evaluate the 'sft' model"):
         _compare_runs().compare(reference, other, "sft", str(prompts))
+
+
+def _pairs(run: Path, right: list[bool], prompt: str = "Q{i}") -> None:
+    _write(run / "eval" / "pairs_dpo.jsonl", [
+        {"pair": i, "group": "constraint" if i % 2 else "general", "prompt": prompt.format(i=i),
+         "implicit_reward_correct": ok, "likelihood_correct": True} for i, ok in enumerate(right)])
+
+
+def test_preference_accuracy_is_compared_on_the_same_pairs_when_both_runs_ranked_them(tmp_path: Path) -> None:
+    keys = ["x", "y"]
+    prompts = _write(tmp_path / "prompts.jsonl", [
+        {"key": k, "prompt": "Say hi in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
+         "kwargs": [{}]} for k in keys])
+    first, second = _run(tmp_path, "a", [True, False], keys), _run(tmp_path, "b", [True, False], keys)
+    compare = _compare_runs()
+    assert "implicit_reward_acc" not in {row[0] for row in compare.compare(first, second, "dpo", str(prompts))}
+    _pairs(first, [i < 30 for i in range(60)])  # 50 % right
+    _pairs(second, [True] * 60)  # every pair right: the 30 the first run got wrong among them
+    rows = {key: (a, b, diff) for key, a, b, diff in compare.compare(first, second, "dpo", str(prompts))}
+    a, b, diff = rows["implicit_reward_acc"]
+    assert (a, b) == (pytest.approx(0.5), pytest.approx(1.0)) and diff.endswith("better")
+    assert rows["likelihood_acc"][2].startswith("+0.000 [+0.000, +0.000]")
+    assert rows["by_pairs/general/implicit_reward_acc"][:2] == (pytest.approx(0.5), pytest.approx(1.0))
+    _pairs(second, [True] * 60, prompt="another question {i}")
+    with pytest.raises(SystemExit, match="different preference pairs"):
+        compare.compare(first, second, "dpo", str(prompts))

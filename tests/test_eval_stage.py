@@ -121,6 +121,12 @@ def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):
         whole = sum(g["implicit_reward_acc"] * g["pairs"] for g in groups.values()) / 3
         assert whole == pytest.approx(metrics[name]["implicit_reward_acc"], abs=1e-3)
     assert "by_pairs" not in metrics["base"]
+    for name in ("sft", "dpo"):  # each pair's outcome, for a look at the misses and for compare_runs
+        ranked = [json.loads(line) for line in (out / f"pairs_{name}.jsonl").read_text().splitlines()]
+        assert [r["group"] for r in ranked] == ["constraint", "constraint", "general"]
+        right = sum(r["implicit_reward_correct"] for r in ranked) / 3
+        assert right == pytest.approx(metrics[name]["implicit_reward_acc"], abs=1e-3)
+    assert not (out / "pairs_base.jsonl").exists()
     for png in ("loss_curves.png", "comparison.png", "per_type.png"):
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()

@@ -1,6 +1,7 @@
 """Stage ``eval``: base vs SFT vs DPO on held-out prompts, side by side.
 
-Writes ``<output_dir>/eval/metrics.json``, ``report.md``, PNG plots and ``generations_<model>.jsonl``.
+Writes ``<output_dir>/eval/metrics.json``, ``report.md``, PNG plots, ``generations_<model>.jsonl`` and, for the
+trained models, ``pairs_<model>.jsonl`` (each held-out preference pair's log-probs and whether it was ranked right).
 Metrics: format compliance (answers, then stops), IFEval-style constraint accuracy (strict/loose, per
 type, per seen/unseen split), held-out preference accuracy (DPO implicit reward vs the stage's reference),
 held-out loss of reference answers; plus the SFT/DPO training loss curves. Every metric carries a 95 %
@@ -36,6 +37,7 @@ from pipeline.evaluation import (
     pair_groups,
     pair_items,
     pair_logps,
+    pair_rows,
     plot_loss_curves,
     plot_model_comparison,
     plot_per_type,
@@ -78,6 +80,8 @@ def _evaluate_model(ctx: StageContext, tokenizer: Any, name: str, prompts: list[
         metrics["heldout_loss"] = mean_nll(losses[name])
     if pairs and name in REFERENCE:
         metrics.update(preference_accuracy(logps[name], logps[REFERENCE[name]]))
+        atomic_write_text(ctx.stage_dir / f"pairs_{name}.jsonl",
+                          _jsonl(pair_rows(pairs, logps[name], logps[REFERENCE[name]])))
     metrics.update(score_generations(prompts, rows))  # also writes each row's constraint results into it
     atomic_write_text(ctx.stage_dir / f"generations_{name}.jsonl", _jsonl(rows))
     return metrics
