@@ -6,6 +6,7 @@ Reusable on its own (any JSONL with ``prompt`` + ``instruction_id_list`` + ``kwa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Hashable, Sequence
@@ -244,12 +245,14 @@ def pair_groups(pairs: Sequence[dict[str, Any]]) -> list[str]:
 
 def pair_rows(pairs: Sequence[dict[str, Any]], policy: Sequence[tuple[float, float]],
               reference: Sequence[tuple[float, float]]) -> list[dict[str, Any]]:
-    """One row per held-out pair for ``pairs_<model>.jsonl``: its prompt, group, the summed log-probs of chosen and
+    """One row per held-out pair for ``pairs_<model>.jsonl``: its content hash, prompt, group, the summed log-probs of chosen and
     rejected under the model and its reference, and whether each accuracy counts it right."""
     rows = []
     for i, (pair, group, (c, r), (rc, rr)) in enumerate(zip(pairs, pair_groups(pairs), policy, reference,
                                                             strict=True)):
-        rows.append({"pair": i, "group": group, "prompt": pair["prompt"][-1]["content"],
+        text = json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], ensure_ascii=False, sort_keys=True)
+        rows.append({"pair": i, "id": hashlib.sha256(text.encode()).hexdigest()[:16], "group": group,
+                     "prompt": pair["prompt"][-1]["content"],
                      "logp_chosen": round(c, 4), "logp_rejected": round(r, 4),
                      "ref_logp_chosen": round(rc, 4), "ref_logp_rejected": round(rr, 4),
                      "implicit_reward_correct": (c - rc) > (r - rr), "likelihood_correct": c > r})

@@ -67,7 +67,7 @@ def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tu
     groups = [(prompt_clusters(prompts), items)]
     pairs = {name: read_pairs(Path(name), model) for name in names}
     if all(pairs.values()):  # both runs ranked held-out pairs: compare preference accuracy on the same pairs too
-        if [r["prompt"] for r in pairs[names[0]]] != [r["prompt"] for r in pairs[names[1]]]:
+        if [r["id"] for r in pairs[names[0]]] != [r["id"] for r in pairs[names[1]]]:
             raise SystemExit("the runs' pairs_*.jsonl hold different preference pairs: they cannot be paired")
         groups.append((list(range(len(pairs[names[0]]))), {n: pair_outcomes(pairs[n]) for n in names}))
     intervals, differences = bootstrap_metrics(groups, names)

@@ -60,7 +60,7 @@ def test_runs_on_different_prompt_files_are_refused(tmp_path: Path) -> None:
 
 def _pairs(run: Path, right: list[bool], prompt: str = "Q{i}") -> None:
     _write(run / "eval" / "pairs_dpo.jsonl", [
-        {"pair": i, "group": "constraint" if i % 2 else "general", "prompt": prompt.format(i=i),
+        {"pair": i, "id": prompt.format(i=i), "group": "constraint" if i % 2 else "general", "prompt": "?",
          "implicit_reward_correct": ok, "likelihood_correct": True} for i, ok in enumerate(right)])
 
 

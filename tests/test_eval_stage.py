@@ -124,6 +124,7 @@ def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):
     for name in ("sft", "dpo"):  # each pair's outcome, for a look at the misses and for compare_runs
         ranked = [json.loads(line) for line in (out / f"pairs_{name}.jsonl").read_text().splitlines()]
         assert [r["group"] for r in ranked] == ["constraint", "constraint", "general"]
+        assert len({r["id"] for r in ranked}) == 3
         right = sum(r["implicit_reward_correct"] for r in ranked) / 3
         assert right == pytest.approx(metrics[name]["implicit_reward_acc"], abs=1e-3)
     assert not (out / "pairs_base.jsonl").exists()
