@@ -179,16 +179,21 @@ def pair_logps(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], desc: st
     return list(zip(scored[0::2], scored[1::2], strict=True))
 
 
-def preference_accuracy(policy: list[tuple[float, float]], reference: list[tuple[float, float]]) -> dict[str, float]:
-    """Held-out preference accuracy from :func:`pair_logps` of a model and of its reference model.
+def pair_outcomes(policy: Sequence[tuple[float, float]], reference: Sequence[tuple[float, float]]
+                  ) -> dict[str, list[bool]]:
+    """Whether each held-out pair is ranked right, from :func:`pair_logps` of a model and of its reference model.
 
     ``implicit_reward_acc``: the DPO implicit reward log π(y|x) − log π_ref(y|x) ranks chosen above rejected.
     ``likelihood_acc``: the model alone gives chosen a higher log-prob than rejected.
     """
-    implicit = [(c - rc) > (r - rr) for (c, r), (rc, rr) in zip(policy, reference, strict=True)]
-    likelihood = [c > r for c, r in policy]
+    return {"implicit_reward_acc": [(c - rc) > (r - rr) for (c, r), (rc, rr) in zip(policy, reference, strict=True)],
+            "likelihood_acc": [c > r for c, r in policy]}
+
+
+def preference_accuracy(policy: list[tuple[float, float]], reference: list[tuple[float, float]]) -> dict[str, float]:
+    """Held-out preference accuracies: the share of pairs :func:`pair_outcomes` counts right."""
     n = max(len(policy), 1)
-    return {"implicit_reward_acc": round(sum(implicit) / n, 4), "likelihood_acc": round(sum(likelihood) / n, 4)}
+    return {key: round(sum(right) / n, 4) for key, right in pair_outcomes(policy, reference).items()}
 
 
 # ------------------------------------------------------------------------------------------- intervals
@@ -245,8 +250,9 @@ def pair_groups(pairs: Sequence[dict[str, Any]]) -> list[str]:
 
 def pair_rows(pairs: Sequence[dict[str, Any]], policy: Sequence[tuple[float, float]],
               reference: Sequence[tuple[float, float]]) -> list[dict[str, Any]]:
-    """One row per held-out pair for ``pairs_<model>.jsonl``: its content hash, prompt, group, the summed log-probs of chosen and
-    rejected under the model and its reference, and whether each accuracy counts it right."""
+    """One row per held-out pair for ``pairs_<model>.jsonl``: its content hash, prompt, group, the summed log-probs
+    of chosen and rejected under the model and its reference, and whether each accuracy counts it right."""
+    outcomes = pair_outcomes(policy, reference)
     rows = []
     for i, (pair, group, (c, r), (rc, rr)) in enumerate(zip(pairs, pair_groups(pairs), policy, reference,
                                                             strict=True)):
@@ -255,7 +261,8 @@ def pair_rows(pairs: Sequence[dict[str, Any]], policy: Sequence[tuple[float, flo
                      "prompt": pair["prompt"][-1]["content"],
                      "logp_chosen": round(c, 4), "logp_rejected": round(r, 4),
                      "ref_logp_chosen": round(rc, 4), "ref_logp_rejected": round(rr, 4),
-                     "implicit_reward_correct": (c - rc) > (r - rr), "likelihood_correct": c > r})
+                     "implicit_reward_correct": outcomes["implicit_reward_acc"][i],
+                     "likelihood_correct": outcomes["likelihood_acc"][i]})
     return rows
 
 
@@ -263,9 +270,7 @@ def pair_items(policy: Sequence[tuple[float, float]], reference: Sequence[tuple[
                groups: Sequence[str] = ()) -> Items:
     """Per-pair values of :func:`preference_accuracy`; with ``groups`` (:func:`pair_groups`) holding more than
     one group, also per group (``by_pairs/<group>/<metric>``)."""
-    return pair_outcome_items({"implicit_reward_acc": [(c - rc) > (r - rr) for (c, r), (rc, rr)
-                                                       in zip(policy, reference, strict=True)],
-                               "likelihood_acc": [c > r for c, r in policy]}, groups)
+    return pair_outcome_items(pair_outcomes(policy, reference), groups)
 
 
 def pair_outcome_items(outcomes: dict[str, Sequence[bool]], groups: Sequence[str] = ()) -> Items:

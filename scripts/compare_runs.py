@@ -53,7 +53,7 @@ def read_pairs(run: Path, model: str) -> list[dict] | None:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else None
 
 
-def pair_outcomes(rows: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+def _pair_items(rows: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     """Per-pair values of the preference accuracies, overall and per group, from ``pairs_<model>.jsonl`` rows."""
     return pair_outcome_items({"implicit_reward_acc": [r["implicit_reward_correct"] for r in rows],
                                "likelihood_acc": [r["likelihood_correct"] for r in rows]}, [r["group"] for r in rows])
@@ -69,10 +69,11 @@ def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tu
     if all(pairs.values()):  # both runs ranked held-out pairs: compare preference accuracy on the same pairs too
         if [r["id"] for r in pairs[names[0]]] != [r["id"] for r in pairs[names[1]]]:
             raise SystemExit("the runs' pairs_*.jsonl hold different preference pairs: they cannot be paired")
-        groups.append((list(range(len(pairs[names[0]]))), {n: pair_outcomes(pairs[n]) for n in names}))
+        groups.append((list(range(len(pairs[names[0]]))), {n: _pair_items(pairs[n]) for n in names}))
     intervals, differences = bootstrap_metrics(groups, names)
     diffs = differences[(names[0], names[1])]
-    keys = [k for k in MAIN_METRICS if k in diffs] + sorted(k for k in diffs if k.startswith(("by_split/", "by_pairs/")))
+    keys = [k for k in MAIN_METRICS if k in diffs] + sorted(
+        k for k in diffs if k.startswith(("by_split/", "by_pairs/")))
     rows = []
     for key in keys:
         diff = diffs[key]
