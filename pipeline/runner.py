@@ -28,7 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline import estimate
+from pipeline import estimate, memory
 from pipeline.artifacts import (
     FILES,
     IN_PROGRESS,
@@ -402,24 +402,28 @@ def _start_stage(recipe: Recipe, name: str, stage_dir: Path, fp: str, config: di
 def _run_one(recipe: Recipe, plan: _RunDecision, roles: ProcessRoles, log: Callable[[str], None]) -> StageOutcome:
     name, stage_dir = plan.name, recipe.stage_dir(plan.name)
     ctx = StageContext(recipe=recipe, stage=name, stage_dir=stage_dir, upstream=plan.upstream)
+    memory.release()  # what the previous stage freed goes back to the system, not into this stage's peak
+    memory.reset_peak()
     start = time.time()
     with explain_write_failures(name, stage_dir, what="its outputs"):  # the stages' own messages say more
         if name in ALL_PROCESS_STAGES or not roles.shared:
             metrics = _stage_runner(name)(ctx)
         else:  # prepare runs on the main process alone; the others wait for it (and get its error, if any)
             metrics = roles.decide(lambda: _stage_runner(name)(ctx))
-    wall = time.time() - start
+    wall, peak = time.time() - start, memory.peak_gb()
 
     def finish() -> StageOutcome:  # main process: the manifest, once every process is done with the stage
         extra = {**ctx.extra, **({"parts": plan.parts} if plan.parts else {}),
                  "recipe": str(recipe.source) if recipe.source else None,  # for the re-run hint of load()
+                 "peak_rss_gb": peak,  # this process's peak while the stage ran
                  **({"processes": roles.count} if name in ALL_PROCESS_STAGES else {})}
         with explain_write_failures(name, stage_dir, what="its manifest"):
             write_manifest(stage_dir, stage=name, fingerprint_=plan.fingerprint, inputs=plan.inputs,
                            config=plan.config, metrics=metrics, wall_time_s=wall, extra=extra)
         clear_checkpoints(stage_dir)  # the finished stage no longer needs them; the manifest is written
         resumed = ctx.extra.get("resumed_from_step", 0)
-        log(f"[{name}] done in {wall:.1f}s" + (f" (resumed from step {resumed})" if resumed else ""))
+        log(f"[{name}] done in {wall:.1f}s, peak memory {peak:.1f} GB"
+            + (f" (resumed from step {resumed})" if resumed else ""))
         return StageOutcome(name, "resumed" if resumed else "ran", plan.fingerprint, wall, metrics)
 
     return roles.decide(finish)

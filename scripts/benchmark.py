@@ -386,9 +386,9 @@ def bench_kernels(args: argparse.Namespace, path: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- --quick
 def peak_rss_gb() -> float:
-    import resource
+    from pipeline.memory import peak_gb
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)  # Linux reports KiB
+    return peak_gb()  # GB of 10^9 bytes (before 2026-12-04: GiB)
 
 
 def _quick_settings(args: argparse.Namespace) -> Any:

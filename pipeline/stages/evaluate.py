@@ -15,13 +15,13 @@ Each model scores the held-out pairs once, adapter merged, and serves as the nex
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 from typing import Any
 
 from datasets import load_from_disk
 
+from pipeline import memory
 from pipeline.artifacts import atomic_write_json, atomic_write_text
 from pipeline.data.formats import load_preference_examples
 from pipeline.errors import PipelineError
@@ -122,7 +122,7 @@ def _model_outputs(ctx: StageContext, tokenizer: Any, name: str, prompts: list[d
     eval_cache.store(cache, {"logps": logps.get(name), "losses": losses.get(name),
                              "reference_logps": logps.get(reference or ""), "generations": _jsonl(rows)})
     del model
-    gc.collect()
+    memory.release()  # the next model loads into the memory this one held
     return rows
 
 
