@@ -138,8 +138,10 @@ def calibrate(recipe: Any) -> Speeds:
 
     def training(keep: torch.Tensor) -> Any:
         def run() -> None:  # the SFT stage's loss (stages/sft.py), without the trainer around it
-            _, logits = labelled_logits(peft_model, {"input_ids": ids}, keep)
-            logps = F.log_softmax(logits.flatten(0, 1), dim=-1, dtype=torch.float32)
+            labelled = torch.zeros_like(ids[:, 1:], dtype=torch.bool)
+            labelled[0, keep] = True
+            _, logits = labelled_logits(peft_model, {"input_ids": ids}, labelled)
+            logps = F.log_softmax(logits, dim=-1, dtype=torch.float32)
             F.nll_loss(logps, targets[keep]).backward()
             peft_model.zero_grad(set_to_none=True)
         return run

@@ -466,12 +466,13 @@ def bare_floor_seconds(model: Any, batches: list[dict[str, Any]]) -> float:
             targets = batch["labels"][:, 1:]
         else:  # DPO: the completion tokens
             targets = batch["input_ids"][:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, -100)
-        keep = (targets != -100).any(dim=0).nonzero().flatten()
+        labelled = targets != -100
         inputs = {k: v for k, v in batch.items() if k in ("attention_mask", "position_ids")}
         embeds = embed(batch["input_ids"]).detach().requires_grad_(True)
-        logits = model(inputs_embeds=embeds, **inputs, use_cache=False, logits_to_keep=keep).logits
-        logps = torch.nn.functional.log_softmax(logits.flatten(0, 1), dim=-1, dtype=torch.float32)
-        torch.nn.functional.nll_loss(logps, targets[:, keep].flatten(), ignore_index=-100).backward()
+        hidden = model.get_decoder()(inputs_embeds=embeds, **inputs, use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1][labelled])  # exactly the labelled (row, position)s
+        logps = torch.nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32)
+        torch.nn.functional.nll_loss(logps, targets[labelled]).backward()
     return time.perf_counter() - started
 
 

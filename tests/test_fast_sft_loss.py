@@ -60,7 +60,8 @@ def test_turn_token_rows_head_gives_the_wrappers_loss_and_gradients(trainer):
     assert any("trainable_tokens_delta" in n for n in expected[1])
     for name, grad in expected[1].items():
         assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(ours[1][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        # float32 rounding only: the head sees the labelled (row, position)s gathered, not the rows' union
+        torch.testing.assert_close(ours[1][name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
 
 
 def test_the_trained_rows_save_an_adapter_stock_peft_loads_with_the_same_weights(trainer, tmp_path):

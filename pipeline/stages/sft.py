@@ -34,16 +34,22 @@ from pipeline.stages.training import (
 )
 
 
-def labelled_logits(model: Any, model_inputs: dict[str, Any], keep: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """The model's outputs and its logits at positions ``keep`` only, through the turn-token rows' two-part head
-    when the model has one (``fast_loss.trained_token_rows``)."""
+def labelled_logits(model: Any, model_inputs: dict[str, Any], labelled: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """The model's outputs and its logits, (positions x vocabulary), at the (row, position) pairs where ``labelled``
+    (rows x positions - 1; position ``p`` predicts token ``p + 1``) is true, rows flattened in order.
+
+    Through the turn-token rows' two-part head when the model has one (``fast_loss.trained_token_rows``): exactly
+    the labelled pairs go through the LM head. Otherwise through the model's ``logits_to_keep``, which keeps the
+    same positions in every row (their union), and the unlabelled ones are dropped after the head.
+    """
     token_rows = trained_token_rows(model)
     if token_rows is None:
+        keep = labelled.any(dim=0).nonzero().flatten()
         # use_cache=False: packed rows are only kept apart (position_ids restarting) without a cache
         outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
-        return outputs, outputs.logits
+        return outputs, outputs.logits[labelled[:, keep]]
     outputs = token_rows.hidden_states(model_inputs)
-    return outputs, token_rows.logits(outputs.last_hidden_state[:, keep])
+    return outputs, token_rows.logits(outputs.last_hidden_state[:, :-1][labelled])
 
 
 class LabelledPositionsSFTTrainer(SFTTrainer):
@@ -59,14 +65,13 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         targets = inputs["labels"][:, 1:]
-        keep = (targets != -100).any(dim=0).nonzero().flatten()  # positions whose next token is trained
-        outputs, logits = labelled_logits(model, {k: v for k, v in inputs.items() if k != "labels"}, keep)
-        kept = targets[:, keep]
+        labelled = targets != -100  # positions whose next token is trained
+        outputs, logits = labelled_logits(model, {k: v for k, v in inputs.items() if k != "labels"}, labelled)
         # log_softmax casts to float32 itself: the same values as cross_entropy(logits.float()), without a
         # separate float32 copy of the (positions x vocabulary) logits
-        logps = F.log_softmax(logits.flatten(0, 1), dim=-1, dtype=torch.float32)
-        loss = F.nll_loss(logps, kept.flatten(), ignore_index=-100, reduction="sum")
-        loss = loss / (num_items_in_batch if num_items_in_batch is not None else (kept != -100).sum())
+        logps = F.log_softmax(logits, dim=-1, dtype=torch.float32)
+        loss = F.nll_loss(logps, targets[labelled], reduction="sum")
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else labelled.sum())
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # as Trainer.compute_loss: num_items_in_batch counts every process's tokens and DDP averages the
             # gradients over the processes, so scale back up (a no-op in one process)
