@@ -88,7 +88,8 @@ def _path(model_cfg: dict, tokenizer, inputs: dict, settings: dict) -> Path | No
 def test_the_cache_key_follows_model_weights_template_inputs_and_settings(tiny_model_dir, tmp_path, user_cache):
     from conftest import build_tiny_model
 
-    model_cfg = {**MODEL_DEFAULTS, "name_or_path": str(tiny_model_dir), "chat_template": "chatml"}
+    # float32 spelt out: `auto` is bf16 on an AVX512-BF16 / AMX CPU, and the variant below must differ from it
+    model_cfg = {**MODEL_DEFAULTS, "name_or_path": str(tiny_model_dir), "chat_template": "chatml", "dtype": "float32"}
     tokenizer = load_tokenizer(model_cfg)
     inputs, settings = {"prompts": PROMPTS}, {"max_new_tokens": 5}
     path = _path(model_cfg, tokenizer, inputs, settings)

@@ -28,7 +28,8 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_jsonl(tmp / "prefs.jsonl", tiny_pref_rows())
     raw = {
         "name": "tiny", "output_dir": str(tmp / "runs"),
-        "model": {"name_or_path": str(build_tiny_model(tmp / "model")), "chat_template": "chatml"},
+        # float32 spelt out: the bounds below are float32's, and `auto` is bf16 on AVX512-BF16 / AMX CPUs
+        "model": {"name_or_path": str(build_tiny_model(tmp / "model")), "chat_template": "chatml", "dtype": "float32"},
         "data": {"sft": [{"path": str(tmp / "sft.jsonl"), "format": "alpaca"}],
                  "dpo": [{"path": str(tmp / "prefs.jsonl")}], "eval_fraction": 0.2, "seed": 1},
         "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
