@@ -1,8 +1,8 @@
 """The process's memory, stage by stage: its peak, and giving back what a finished stage freed.
 
 The stages of a run share one process. Without help, a stage would inherit the heap of the one before it: glibc
-keeps freed memory for reuse instead of returning it, so after SFT a DPO stage started about 1.5 GB higher than
-its own work needs (2026-12-04, AMD Zen 4, bf16). :func:`release` hands that memory back between stages, and
+keeps freed memory for reuse instead of returning it (2026-12-04, AMD Zen 4, bf16: after SFT, the DPO stage idled at
+6.2 GB between its steps). :func:`release` hands that memory back between stages, and
 :func:`reset_peak` / :func:`peak_gb` measure each stage's own peak, which the runner prints and stores in the
 stage's manifest. On systems without ``/proc`` (macOS) or glibc the peak is the process's lifetime peak and
 nothing is trimmed; the results are the same either way.

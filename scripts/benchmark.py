@@ -385,12 +385,6 @@ def bench_kernels(args: argparse.Namespace, path: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- --quick
-def peak_rss_gb() -> float:
-    from pipeline.memory import peak_gb
-
-    return peak_gb()  # GB of 10^9 bytes (before 2026-12-04: GiB)
-
-
 def _quick_settings(args: argparse.Namespace) -> Any:
     from pipeline.config import load_recipe
 
@@ -489,6 +483,7 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from pipeline.config import DPO_PIPELINE_KEYS
+    from pipeline.memory import peak_gb
     from pipeline.models import load_base_model, load_tokenizer, lora_config, resolve_dtype, set_adapter_dtype
     from pipeline.stages.fast_loss import LabelledPositionsDPOTrainer
     from pipeline.stages.sft import LabelledPositionsSFTTrainer
@@ -574,7 +569,7 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
         "dpo_speedup": ratio("dpo_plain_trl_s", "dpo_pipeline_s"),
         "sft_floor_ratio": ratio("sft_pipeline_steps_s", "sft_floor_s"),
         "dpo_floor_ratio": ratio("dpo_pipeline_steps_s", "dpo_floor_s"),
-        "peak_rss_gb": peak_rss_gb(),
+        "peak_rss_gb": peak_gb(),  # GB of 10^9 bytes (before 2026-12-04: GiB)
         "machine": machine(),
         "dtype": str(resolve_dtype(recipe.model)).removeprefix("torch."),
         "model": args.model,
