@@ -92,7 +92,7 @@ def calibrate(recipe: Any) -> Speeds:
 
     from pipeline.inference import generate
     from pipeline.models import configure_generation, load_base_model, load_tokenizer, lora_config, resolve_model_path
-    from pipeline.stages.sft import labelled_logits
+    from pipeline.stages.fast_loss import labelled_logits
 
     key = {"version": CALIBRATION_VERSION, "machine": machine(), "model": resolve_model_path(
         recipe.model["name_or_path"]), "dtype": str(resolve_dtype(recipe.model)), "lora": recipe.lora,

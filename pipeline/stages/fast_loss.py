@@ -5,8 +5,9 @@ TRL 1.16's ``DPOTrainer`` gets its log-probs from a fused LM head that, on devic
 CPU), projects *every* position (prompt and padding too) onto the whole vocabulary and runs the backward in
 float32 tiles. With Gemma's 262k-token vocabulary that head costs more than the transformer. This trainer
 overrides the public ``compute_loss`` (and ``compute_ref_log_probs``, used by the reference pre-computation)
-to ask the model's own forward for logits at the completion positions only (its public ``logits_to_keep``),
-and then computes the same loss and logs the same metrics as TRL's path.
+to send exactly the completion (row, position) pairs through the model's own LM head (:func:`labelled_logits`;
+a model wrapped for DDP runs its own forward with ``logits_to_keep``, the positions' union across rows), and
+then computes the same loss and logs the same metrics as TRL's path.
 
 Only what ``tests/test_fast_dpo_loss.py`` proves equal to TRL (loss *and* gradients, each loss type alone and
 combined, with and without pre-computed reference log-probs) takes this path; any other option falls back to
@@ -151,30 +152,78 @@ def unsupported_reason(args: Any, trl_version: str = trl.__version__) -> str | N
     return f"{', '.join(refused)} is not handled" if refused else None
 
 
-def _completion_logps(model: Any, inputs: dict[str, Any], statistics: bool = True) -> dict[str, torch.Tensor]:
-    """Per-token log-probs (and the logged statistics) of each row's completion, from kept positions only.
+def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The decoder and the LM head of ``model`` when its logits are exactly ``head(decoder(...).last_hidden_state)``:
+    a bare model of a plain-head architecture without logit softcapping, or a bare (not prompt-learning) PEFT
+    model on one. None for anything else, whose own forward must run: a DDP / FSDP / DeepSpeed wrapper hooks the
+    gradient synchronisation into its forward, and calling the decoder inside it would bypass that."""
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
-    Position ``p`` predicts token ``p + 1``; it is kept when that token is a completion token in any row
-    (the union across rows, since ``logits_to_keep`` selects the same positions in every row). Masked
-    entries are zero, as in TRL's fused head, so sums over the kept positions equal TRL's sums over all.
+    if isinstance(model, PeftModel):
+        if model.active_peft_config.is_prompt_learning:
+            return None
+        base = model.get_base_model()
+    elif isinstance(model, PreTrainedModel):
+        base = model
+    else:
+        return None
+    config = base.config.get_text_config()
+    if type(base).__name__ not in _PLAIN_HEAD_MODELS or getattr(config, "final_logit_softcapping", None) is not None:
+        return None
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def labelled_logits(model: Any, model_inputs: dict[str, Any], labelled: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """The model's outputs and its logits, (positions x vocabulary), at the (row, position) pairs where ``labelled``
+    (rows x positions - 1; position ``p`` predicts token ``p + 1``) is true, rows flattened in order.
+
+    Exactly the labelled pairs go through the LM head: through the turn-token rows' two-part head when the model
+    has one (:func:`trained_token_rows`), else through its own head after its decoder (:func:`decoder_and_head`).
+    Any other model runs its own forward with ``logits_to_keep``, which keeps the same positions in every row
+    (their union); the unlabelled ones are dropped after the head.
     """
-    shift_mask = inputs["completion_mask"][:, 1:].bool()
-    keep = shift_mask.any(dim=0).nonzero().flatten()
-    targets = inputs["input_ids"][:, 1:][:, keep]
-    mask = shift_mask[:, keep]
+    token_rows = trained_token_rows(model)
+    if token_rows is not None:
+        outputs = token_rows.hidden_states(model_inputs)
+        return outputs, token_rows.logits(outputs.last_hidden_state[:, :-1][labelled])
+    split = decoder_and_head(model)
+    if split is not None:
+        decoder, head = split
+        # use_cache=False: packed rows are only kept apart (position_ids restarting) without a cache
+        outputs = decoder(**model_inputs, use_cache=False)
+        return outputs, head(outputs.last_hidden_state[:, :-1][labelled])
+    keep = labelled.any(dim=0).nonzero().flatten()
+    outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
+    return outputs, outputs.logits[labelled[:, keep]]
+
+
+def _completion_logps(model: Any, inputs: dict[str, Any], statistics: bool = True) -> dict[str, torch.Tensor]:
+    """Per-token log-probs (and the logged statistics) of each row's completion, (rows x positions - 1).
+
+    Position ``p`` predicts token ``p + 1``; only the (row, position) pairs whose next token is a completion token
+    go through the LM head (:func:`labelled_logits`). Other entries are zero, as in TRL's fused head, so sums over
+    positions equal TRL's.
+    """
+    mask = inputs["completion_mask"][:, 1:].bool()
+    targets = inputs["input_ids"][:, 1:][mask]
     model_kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
-    logits = model(**model_kwargs, use_cache=False, logits_to_keep=keep).logits
+    _, logits = labelled_logits(model, model_kwargs, mask)
     # log_softmax casts to float32 itself: TRL's head also folds the logits in float32
     logps = F.log_softmax(logits, dim=-1, dtype=torch.float32)
-    per_token = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
-    if not statistics:  # the reference needs only the log-probs: skip two more (rows x positions x vocab) tensors
+
+    def spread(values: torch.Tensor) -> torch.Tensor:  # one value per labelled pair -> (rows x positions - 1)
+        return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+    per_token = spread(logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+    if not statistics:  # the reference needs only the log-probs: skip two more (positions x vocab) tensors
         return {"per_token": per_token, "mask": mask}
     with torch.no_grad():  # the statistics TRL's fused head returns for its metrics
         entropy = -(logps.exp() * logps).sum(-1)
         mean_logits = logits.float().mean(-1)
         is_top1 = logits.argmax(-1) == targets  # argmax takes the first maximum, like TRL's kernel
-    return {"per_token": per_token, "mask": mask, "entropy": entropy, "mean_logits": mean_logits,
-            "is_top1": is_top1}
+    return {"per_token": per_token, "mask": mask, "entropy": spread(entropy), "mean_logits": spread(mean_logits),
+            "is_top1": spread(is_top1)}
 
 
 class LabelledPositionsDPOTrainer(DPOTrainer):

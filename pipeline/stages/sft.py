@@ -23,7 +23,7 @@ from pipeline.models import (
     set_adapter_dtype,
 )
 from pipeline.stages.context import StageContext
-from pipeline.stages.fast_loss import trained_token_rows
+from pipeline.stages.fast_loss import labelled_logits
 from pipeline.stages.training import (
     StopOnNonFiniteLoss,
     check_save_cadence,
@@ -32,24 +32,6 @@ from pipeline.stages.training import (
     train_with_resume,
     trainer_arguments,
 )
-
-
-def labelled_logits(model: Any, model_inputs: dict[str, Any], labelled: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """The model's outputs and its logits, (positions x vocabulary), at the (row, position) pairs where ``labelled``
-    (rows x positions - 1; position ``p`` predicts token ``p + 1``) is true, rows flattened in order.
-
-    Through the turn-token rows' two-part head when the model has one (``fast_loss.trained_token_rows``): exactly
-    the labelled pairs go through the LM head. Otherwise through the model's ``logits_to_keep``, which keeps the
-    same positions in every row (their union), and the unlabelled ones are dropped after the head.
-    """
-    token_rows = trained_token_rows(model)
-    if token_rows is None:
-        keep = labelled.any(dim=0).nonzero().flatten()
-        # use_cache=False: packed rows are only kept apart (position_ids restarting) without a cache
-        outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
-        return outputs, outputs.logits[labelled[:, keep]]
-    outputs = token_rows.hidden_states(model_inputs)
-    return outputs, token_rows.logits(outputs.last_hidden_state[:, :-1][labelled])
 
 
 class LabelledPositionsSFTTrainer(SFTTrainer):
