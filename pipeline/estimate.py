@@ -92,7 +92,7 @@ def calibrate(recipe: Any) -> Speeds:
 
     from pipeline.inference import generate
     from pipeline.models import configure_generation, load_base_model, load_tokenizer, lora_config, resolve_model_path
-    from pipeline.stages.fast_loss import labelled_logits
+    from pipeline.stages.lm_head import labelled_log_probs
 
     key = {"version": CALIBRATION_VERSION, "machine": machine(), "model": resolve_model_path(
         recipe.model["name_or_path"]), "dtype": str(resolve_dtype(recipe.model)), "lora": recipe.lora,
@@ -140,9 +140,8 @@ def calibrate(recipe: Any) -> Speeds:
         def run() -> None:  # the SFT stage's loss (stages/sft.py), without the trainer around it
             labelled = torch.zeros_like(ids[:, 1:], dtype=torch.bool)
             labelled[0, keep] = True
-            _, logits = labelled_logits(peft_model, {"input_ids": ids}, labelled)
-            logps = F.log_softmax(logits, dim=-1, dtype=torch.float32)
-            F.nll_loss(logps, targets[keep]).backward()
+            _, scored = labelled_log_probs(peft_model, {"input_ids": ids}, labelled, targets[keep])
+            (-scored["logp"].mean()).backward()
             peft_model.zero_grad(set_to_none=True)
         return run
 

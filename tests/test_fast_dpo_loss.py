@@ -13,14 +13,8 @@ from trl import DPOConfig, DPOTrainer
 
 from pipeline.config import MODEL_DEFAULTS
 from pipeline.models import load_tokenizer
-from pipeline.stages.fast_loss import (
-    CHECKED_TRL,
-    HANDLED_LOSS_TYPES,
-    LabelledPositionsDPOTrainer,
-    decoder_and_head,
-    labelled_logits,
-    unsupported_reason,
-)
+from pipeline.stages.fast_loss import CHECKED_TRL, HANDLED_LOSS_TYPES, LabelledPositionsDPOTrainer, unsupported_reason
+from pipeline.stages.lm_head import decoder_and_head
 
 COMBINED = [(["sigmoid", "sft"], [1.0, 1.0]), (["sigmoid", "sft"], [1.0, 2.0]), (["ipo", "sft", "hinge"], None),
             (["robust", "apo_zero", "apo_down", "sigmoid_norm"], [0.5, 1.0, 1.0, 2.0])]
@@ -93,36 +87,6 @@ def test_loss_gradients_and_metrics_equal_trls_own_path(trainer, loss_types, wei
     assert ours[2].keys() == expected[2].keys()
     for key, values in expected[2].items():
         assert ours[2][key] == pytest.approx(values, rel=1e-4, abs=1e-6), key
-
-
-class _Wrapper(torch.nn.Module):
-    """Stands for a DDP / FSDP wrapper: only its own forward may run (it hooks the gradient sync in there)."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, **inputs):
-        return self.module(**inputs)
-
-
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_labelled_logits_are_the_models_own_logits_on_every_path(tmp_path, arch):
-    from conftest import build_tiny_model
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path, arch)),
-                           LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
-    ids = torch.randint(4, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
-    labelled = torch.zeros(2, 8, dtype=torch.bool)
-    labelled[0, 1:4], labelled[1, 3:8] = True, True
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits[:, :-1][labelled]
-        assert decoder_and_head(_Wrapper(model)) is None  # a wrapper runs its forward (the rows' union path)
-        for path in (model, model.get_base_model(), _Wrapper(model)):
-            torch.testing.assert_close(labelled_logits(path, {"input_ids": ids}, labelled)[1], expected)
-    assert decoder_and_head(model) is not None and decoder_and_head(model.get_base_model()) is not None
 
 
 def test_reference_log_probs_equal_trls_for_the_precompute(trainer):

@@ -10,7 +10,7 @@ from trl import SFTConfig
 
 from pipeline.config import MODEL_DEFAULTS
 from pipeline.models import load_tokenizer, template_token_ids
-from pipeline.stages.fast_loss import trained_token_rows
+from pipeline.stages.lm_head import trained_token_rows
 from pipeline.stages.sft import LabelledPositionsSFTTrainer
 
 CONVERSATIONS = [[{"role": "user", "content": f"Name a fruit ({i})."},

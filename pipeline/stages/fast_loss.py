@@ -5,7 +5,7 @@ TRL 1.16's ``DPOTrainer`` gets its log-probs from a fused LM head that, on devic
 CPU), projects *every* position (prompt and padding too) onto the whole vocabulary and runs the backward in
 float32 tiles. With Gemma's 262k-token vocabulary that head costs more than the transformer. This trainer
 overrides the public ``compute_loss`` (and ``compute_ref_log_probs``, used by the reference pre-computation)
-to send exactly the completion (row, position) pairs through the model's own LM head (:func:`labelled_logits`;
+to send exactly the completion (row, position) pairs through the model's own LM head (``lm_head.labelled_log_probs``;
 a model wrapped for DDP runs its own forward with ``logits_to_keep``, the positions' union across rows), and
 then computes the same loss and logs the same metrics as TRL's path.
 
@@ -19,7 +19,6 @@ falls back too.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 from typing import Any
 
@@ -33,107 +32,12 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from pipeline.stages.lm_head import labelled_log_probs
+
 CHECKED_TRL = SpecifierSet(">=1.16,<1.17")  # the TRL versions whose DPO loss this file was proven against
 HANDLED_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "robust", "apo_zero", "apo_down", "sigmoid_norm", "sft"})
 _BATCH_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 _NOT_MODEL_INPUTS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-
-
-# Causal LMs whose forward is ``logits = lm_head(decoder(...).last_hidden_state[:, logits_to_keep])`` with nothing
-# after the head when the config sets no logit softcapping (checked in transformers 5.23; tests cover llama, qwen2)
-_PLAIN_HEAD_MODELS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
-                      "Gemma3ForCausalLM", "Gemma2ForCausalLM"}
-
-
-@dataclasses.dataclass
-class TrainedTokenRows:
-    """The tied LM head of peft's trainable-token wrapper, computed without its 262k-row weight gradient.
-
-    peft builds ``W' = W.index_copy(rows, delta)`` and runs ``linear(h, W')``, so autograd computes the gradient
-    of the whole (vocabulary x hidden) matrix for the few trained rows (about 1.8 s of a 6-9 s gemma-3-270m SFT
-    step). ``linear(h, W)`` with the frozen ``W``, its trained columns replaced by ``linear(h, delta)``, is the
-    same function; its weight gradient is the (rows x hidden) one only. The columns of the trained rows are
-    corrected in place (``+ linear(h, delta - W[rows])``): no copy of the (positions x vocabulary) logits in the
-    forward or the backward. The tied input embedding has the same problem (a dense vocabulary x hidden gradient
-    of ``W'`` for a lookup): :meth:`embed` looks up the frozen table and takes the trained rows' positions from
-    ``delta``. The parameters are peft's own, so the saved adapter is unchanged.
-    """
-
-    backbone: Any
-    weight: torch.Tensor
-    rows: torch.Tensor
-    delta: torch.Tensor
-    embedding: Any = None  # the frozen input embedding module (its forward applies e.g. Gemma's scale), if tied
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
-        correction = F.linear(hidden, self.delta.to(self.weight.dtype) - self.weight[self.rows])
-        return logits.index_add_(-1, self.rows, correction)  # in place: its backward passes the gradient through
-
-    def hidden_states(self, model_inputs: dict[str, Any]) -> Any:
-        """The backbone's outputs, its input embedding through :meth:`embed` where the embedding is tied."""
-        if self.embedding is None:
-            return self.backbone(**model_inputs, use_cache=False)
-        rest = {k: v for k, v in model_inputs.items() if k != "input_ids"}
-        return self.backbone(inputs_embeds=self.embed(model_inputs["input_ids"]), **rest, use_cache=False)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """peft's ``embedding(ids, W') * embed_scale`` without ``W'``: the same values, and a (rows x hidden)
-        gradient instead of a dense (vocabulary x hidden) one."""
-        embeds = self.embedding(input_ids)
-        slot = input_ids.unsqueeze(-1) == self.rows
-        hit = slot.any(dim=-1, keepdim=True)
-        trained = F.embedding(slot.int().argmax(dim=-1), self.delta.to(self.weight.dtype))
-        scale = getattr(self.embedding, "embed_scale", None)
-        if scale is not None:  # as peft's wrapper (``_get_embed_scale``)
-            trained = trained * (scale.to(trained.dtype) if torch.is_tensor(scale) else scale)
-        return torch.where(hit, trained, embeds)
-
-
-def trained_token_rows(model: Any) -> TrainedTokenRows | None:
-    """The two-part head for ``model`` when it is a PEFT model whose tied LM head is peft's trainable-token
-    wrapper with one active, unmerged adapter on a plain-head architecture; else None (use the model's forward)."""
-    from peft import PeftModel
-    from peft.utils.other import TrainableTokensWrapper
-
-    # Only the bare PEFT model: a DDP / FSDP / DeepSpeed wrapper must run its own forward, which is where it
-    # hooks in the gradient synchronisation (calling the backbone inside it would bypass that).
-    if not isinstance(model, PeftModel):
-        return None
-    base = model.get_base_model()
-    head = base.get_output_embeddings()
-    config = base.config.get_text_config()
-    if (not isinstance(head, TrainableTokensWrapper) or type(base).__name__ not in _PLAIN_HEAD_MODELS
-            or getattr(config, "final_logit_softcapping", None) is not None):
-        return None
-    layer = head.token_adapter
-    active = layer.active_adapters
-    if layer.disable_adapters or layer.merged or len(active) != 1 or not isinstance(layer.base_layer, torch.nn.Linear):
-        return None
-    name = active[0]
-    rows = torch.tensor(layer.token_indices[name], device=layer.base_layer.weight.device)
-    return TrainedTokenRows(backbone=base.get_decoder(), weight=layer.base_layer.weight, rows=rows,
-                            delta=layer.trainable_tokens_delta[name], embedding=_tied_embedding(base, layer, name))
-
-
-def _tied_embedding(base: Any, head_layer: Any, name: str) -> Any:
-    """The frozen embedding module under the input embedding's trainable-token wrapper when it trains the same rows
-    with the same parameter as the head (peft's tied adapter) and is a plain lookup; else None."""
-    from peft.utils.other import TrainableTokensWrapper
-
-    wrapper = base.get_input_embeddings()
-    if not isinstance(wrapper, TrainableTokensWrapper):
-        return None
-    layer = wrapper.token_adapter
-    table = layer.base_layer
-    plain = (isinstance(table, torch.nn.Embedding) and table.max_norm is None and not table.scale_grad_by_freq
-             and not table.sparse and table.weight is head_layer.base_layer.weight)
-    same = (not layer.disable_adapters and not layer.merged and layer.active_adapters == [name]
-            and layer.trainable_tokens_delta[name] is head_layer.trainable_tokens_delta[name]
-            and list(layer.token_indices[name]) == list(head_layer.token_indices[name]))
-    if not (plain and same) or (table.padding_idx is not None and table.padding_idx in layer.token_indices[name]):
-        return None
-    return table
 
 
 def unsupported_reason(args: Any, trl_version: str = trl.__version__) -> str | None:
@@ -152,78 +56,21 @@ def unsupported_reason(args: Any, trl_version: str = trl.__version__) -> str | N
     return f"{', '.join(refused)} is not handled" if refused else None
 
 
-def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
-    """The decoder and the LM head of ``model`` when its logits are exactly ``head(decoder(...).last_hidden_state)``:
-    a bare model of a plain-head architecture without logit softcapping, or a bare (not prompt-learning) PEFT
-    model on one. None for anything else, whose own forward must run: a DDP / FSDP / DeepSpeed wrapper hooks the
-    gradient synchronisation into its forward, and calling the decoder inside it would bypass that."""
-    from peft import PeftModel
-    from transformers import PreTrainedModel
-
-    if isinstance(model, PeftModel):
-        if model.active_peft_config.is_prompt_learning:
-            return None
-        base = model.get_base_model()
-    elif isinstance(model, PreTrainedModel):
-        base = model
-    else:
-        return None
-    config = base.config.get_text_config()
-    if type(base).__name__ not in _PLAIN_HEAD_MODELS or getattr(config, "final_logit_softcapping", None) is not None:
-        return None
-    return base.get_decoder(), base.get_output_embeddings()
-
-
-def labelled_logits(model: Any, model_inputs: dict[str, Any], labelled: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """The model's outputs and its logits, (positions x vocabulary), at the (row, position) pairs where ``labelled``
-    (rows x positions - 1; position ``p`` predicts token ``p + 1``) is true, rows flattened in order.
-
-    Exactly the labelled pairs go through the LM head: through the turn-token rows' two-part head when the model
-    has one (:func:`trained_token_rows`), else through its own head after its decoder (:func:`decoder_and_head`).
-    Any other model runs its own forward with ``logits_to_keep``, which keeps the same positions in every row
-    (their union); the unlabelled ones are dropped after the head.
-    """
-    token_rows = trained_token_rows(model)
-    if token_rows is not None:
-        outputs = token_rows.hidden_states(model_inputs)
-        return outputs, token_rows.logits(outputs.last_hidden_state[:, :-1][labelled])
-    split = decoder_and_head(model)
-    if split is not None:
-        decoder, head = split
-        # use_cache=False: packed rows are only kept apart (position_ids restarting) without a cache
-        outputs = decoder(**model_inputs, use_cache=False)
-        return outputs, head(outputs.last_hidden_state[:, :-1][labelled])
-    keep = labelled.any(dim=0).nonzero().flatten()
-    outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
-    return outputs, outputs.logits[labelled[:, keep]]
-
-
 def _completion_logps(model: Any, inputs: dict[str, Any], statistics: bool = True) -> dict[str, torch.Tensor]:
     """Per-token log-probs (and the logged statistics) of each row's completion, (rows x positions - 1).
 
     Position ``p`` predicts token ``p + 1``; only the (row, position) pairs whose next token is a completion token
-    go through the LM head (:func:`labelled_logits`). Other entries are zero, as in TRL's fused head, so sums over
-    positions equal TRL's.
+    go through the LM head (:func:`lm_head.labelled_log_probs`). Other entries are zero, as in TRL's fused head, so
+    sums over positions equal TRL's.
     """
     mask = inputs["completion_mask"][:, 1:].bool()
-    targets = inputs["input_ids"][:, 1:][mask]
     model_kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
-    _, logits = labelled_logits(model, model_kwargs, mask)
-    # log_softmax casts to float32 itself: TRL's head also folds the logits in float32
-    logps = F.log_softmax(logits, dim=-1, dtype=torch.float32)
+    _, scored = labelled_log_probs(model, model_kwargs, mask, inputs["input_ids"][:, 1:][mask], statistics)
 
     def spread(values: torch.Tensor) -> torch.Tensor:  # one value per labelled pair -> (rows x positions - 1)
         return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
-    per_token = spread(logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
-    if not statistics:  # the reference needs only the log-probs: skip two more (positions x vocab) tensors
-        return {"per_token": per_token, "mask": mask}
-    with torch.no_grad():  # the statistics TRL's fused head returns for its metrics
-        entropy = -(logps.exp() * logps).sum(-1)
-        mean_logits = logits.float().mean(-1)
-        is_top1 = logits.argmax(-1) == targets  # argmax takes the first maximum, like TRL's kernel
-    return {"per_token": per_token, "mask": mask, "entropy": spread(entropy), "mean_logits": spread(mean_logits),
-            "is_top1": spread(is_top1)}
+    return {"mask": mask, "per_token": spread(scored.pop("logp")), **{k: spread(v) for k, v in scored.items()}}
 
 
 class LabelledPositionsDPOTrainer(DPOTrainer):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from datasets import load_from_disk
 from trl import SFTConfig, SFTTrainer
 
@@ -23,7 +21,7 @@ from pipeline.models import (
     set_adapter_dtype,
 )
 from pipeline.stages.context import StageContext
-from pipeline.stages.fast_loss import labelled_logits
+from pipeline.stages.lm_head import labelled_log_probs
 from pipeline.stages.training import (
     StopOnNonFiniteLoss,
     check_save_cadence,
@@ -39,8 +37,9 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
 
     TRL 1.16's fused LM head has no CPU kernel: there it scores every position (prompt and padding too)
     against the whole vocabulary and runs its backward in fp32. With Gemma's 262k-token vocabulary that
-    head costs more than the transformer. The model's public ``logits_to_keep`` argument, given the
-    labelled positions, yields the same loss for a fraction of the work (measured: README "Performance").
+    head costs more than the transformer. Sending exactly the labelled positions through the head, a chunk at a
+    time (``lm_head.labelled_log_probs``), yields the same loss for a fraction of the work and memory (measured:
+    README "Performance").
     Used on CPU, and wherever the template's turn tokens are trained (see ``models.lora_config``).
     """
 
@@ -48,12 +47,9 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
                      num_items_in_batch: Any = None) -> Any:
         targets = inputs["labels"][:, 1:]
         labelled = targets != -100  # positions whose next token is trained
-        outputs, logits = labelled_logits(model, {k: v for k, v in inputs.items() if k != "labels"}, labelled)
-        # log_softmax casts to float32 itself: the same values as cross_entropy(logits.float()), without a
-        # separate float32 copy of the (positions x vocabulary) logits
-        logps = F.log_softmax(logits, dim=-1, dtype=torch.float32)
-        loss = F.nll_loss(logps, targets[labelled], reduction="sum")
-        loss = loss / (num_items_in_batch if num_items_in_batch is not None else labelled.sum())
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs, scored = labelled_log_probs(model, model_inputs, labelled, targets[labelled])
+        loss = -scored["logp"].sum() / (num_items_in_batch if num_items_in_batch is not None else labelled.sum())
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # as Trainer.compute_loss: num_items_in_batch counts every process's tokens and DDP averages the
             # gradients over the processes, so scale back up (a no-op in one process)

@@ -1,0 +1,91 @@
+"""The LM head at labelled positions only (``stages/lm_head.py``): the model's own log-probs on every path, and the
+chunked head's loss and gradients equal autograd's through the whole (positions x vocabulary) logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_tiny_model
+from peft import LoraConfig, get_peft_model
+
+from pipeline.stages.lm_head import decoder_and_head, head_log_probs, labelled_log_probs
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands for a DDP / FSDP wrapper: only its own forward may run (it hooks the gradient sync in there)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **inputs):
+        return self.module(**inputs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_labelled_log_probs_are_the_models_own_on_every_path(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path, arch)),
+                           LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(4, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    labelled = torch.zeros(2, 8, dtype=torch.bool)
+    labelled[0, 1:4], labelled[1, 3:8] = True, True
+    targets = ids[:, 1:][labelled]
+    with torch.no_grad():
+        logps = F.log_softmax(model(input_ids=ids).logits[:, :-1][labelled].float(), dim=-1)
+        expected = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logps.exp() * logps).sum(-1)
+        assert decoder_and_head(_Wrapper(model)) is None  # a wrapper runs its forward (the rows' union path)
+        for path in (model, model.get_base_model(), _Wrapper(model)):
+            _, scored = labelled_log_probs(path, {"input_ids": ids}, labelled, targets, statistics=True)
+            torch.testing.assert_close(scored["logp"], expected)
+            torch.testing.assert_close(scored["entropy"], entropy)
+            assert torch.equal(scored["is_top1"], logps.argmax(-1) == targets)
+    assert decoder_and_head(model) is not None and decoder_and_head(model.get_base_model()) is not None
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize("trained_rows", [False, True], ids=["plain-head", "trained-rows"])
+def test_chunked_head_gives_autograds_values_and_gradients(chunk, trained_rows):
+    generator = torch.Generator().manual_seed(0)
+    vocabulary, width, count = 50, 8, 11
+    weight = torch.randn(vocabulary, width, generator=generator)
+    hidden = torch.randn(count, width, generator=generator, requires_grad=True)
+    targets = torch.randint(0, vocabulary, (count,), generator=generator)
+    rows = torch.tensor([3, 17]) if trained_rows else None
+    delta = torch.randn(2, width, generator=generator, requires_grad=True) if trained_rows else None
+    if trained_rows:
+        targets[:3] = rows[0]  # the trained rows are targets too
+    upstream = torch.randn(count, generator=generator)  # a per-position weighting, as DPO's sums give
+
+    def reference():
+        effective = weight.index_copy(0, rows, delta) if trained_rows else weight
+        logps = F.log_softmax(F.linear(hidden, effective), dim=-1)
+        return logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1), logps
+
+    expected, logps = reference()
+    (expected * upstream).sum().backward()
+    grads = [hidden.grad.clone()] + ([delta.grad.clone()] if trained_rows else [])
+    hidden.grad = None
+    if trained_rows:
+        delta.grad = None
+    scored = head_log_probs(hidden, targets, weight, rows, delta, statistics=True, chunk=chunk)
+    (scored["logp"] * upstream).sum().backward()
+    torch.testing.assert_close(scored["logp"], expected.detach())
+    torch.testing.assert_close(hidden.grad, grads[0])
+    if trained_rows:
+        assert delta.grad.abs().sum() > 0
+        torch.testing.assert_close(delta.grad, grads[1])
+    torch.testing.assert_close(scored["entropy"], -(logps.exp() * logps).sum(-1).detach())
+    assert torch.equal(scored["is_top1"], logps.argmax(-1) == targets)
+
+
+def test_chunked_head_skips_the_gradient_work_without_grad():
+    weight, hidden, targets = torch.randn(30, 4), torch.randn(5, 4, requires_grad=True), torch.arange(5)
+    with torch.no_grad():
+        scored = head_log_probs(hidden, targets, weight, chunk=2)
+    assert not scored["logp"].requires_grad
+    expected = F.log_softmax(hidden.detach() @ weight.T, dim=-1)[torch.arange(5), targets]
+    torch.testing.assert_close(scored["logp"], expected)
