@@ -29,7 +29,7 @@ from pipeline.artifacts import atomic_write_json, fingerprint, library_versions
 from pipeline.gguf import default_cache_dir
 from pipeline.models import resolve_device, resolve_dtype
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2  # 2: the training loss through the chunked LM head (stages/lm_head.py)
 _TOKENS = 256  # calibration sequence length
 _DECODE_STEPS = 16
 

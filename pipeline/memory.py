@@ -22,14 +22,26 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def peak_gb() -> float:
-    """Peak resident memory (GB) since the last :func:`reset_peak`, or since the process started."""
+def _status_gb(field: str) -> float | None:
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) * 1024 / 1e9, 2)
     except OSError:
         pass
+    return None
+
+
+def current_gb() -> float | None:
+    """Resident memory (GB) now, or None where ``/proc`` is missing."""
+    return _status_gb("VmRSS")
+
+
+def peak_gb() -> float:
+    """Peak resident memory (GB) since the last :func:`reset_peak`, or since the process started."""
+    peak = _status_gb("VmHWM")
+    if peak is not None:
+        return peak
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9, 2)
 

@@ -404,7 +404,7 @@ def _run_one(recipe: Recipe, plan: _RunDecision, roles: ProcessRoles, log: Calla
     ctx = StageContext(recipe=recipe, stage=name, stage_dir=stage_dir, upstream=plan.upstream)
     memory.release()  # what the previous stage freed goes back to the system, not into this stage's peak
     memory.reset_peak()
-    start = time.time()
+    start, resident = time.time(), memory.current_gb()
     with explain_write_failures(name, stage_dir, what="its outputs"):  # the stages' own messages say more
         if name in ALL_PROCESS_STAGES or not roles.shared:
             metrics = _stage_runner(name)(ctx)
@@ -416,6 +416,7 @@ def _run_one(recipe: Recipe, plan: _RunDecision, roles: ProcessRoles, log: Calla
         extra = {**ctx.extra, **({"parts": plan.parts} if plan.parts else {}),
                  "recipe": str(recipe.source) if recipe.source else None,  # for the re-run hint of load()
                  "peak_rss_gb": peak,  # this process's peak while the stage ran
+                 "start_rss_gb": resident,  # what it held when the stage began (the earlier stages' leftovers)
                  **({"processes": roles.count} if name in ALL_PROCESS_STAGES else {})}
         with explain_write_failures(name, stage_dir, what="its manifest"):
             write_manifest(stage_dir, stage=name, fingerprint_=plan.fingerprint, inputs=plan.inputs,
@@ -423,6 +424,7 @@ def _run_one(recipe: Recipe, plan: _RunDecision, roles: ProcessRoles, log: Calla
         clear_checkpoints(stage_dir)  # the finished stage no longer needs them; the manifest is written
         resumed = ctx.extra.get("resumed_from_step", 0)
         log(f"[{name}] done in {wall:.1f}s, peak memory {peak:.1f} GB"
+            + (f" ({resident:.1f} GB at its start)" if resident is not None else "")
             + (f" (resumed from step {resumed})" if resumed else ""))
         return StageOutcome(name, "resumed" if resumed else "ran", plan.fingerprint, wall, metrics)
 

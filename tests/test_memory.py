@@ -33,6 +33,7 @@ def test_release_returns_freed_heap_memory_to_the_system():
         line = next(x for x in open("/proc/self/status") if x.startswith("VmRSS:"))
         return int(line.split()[1]) * 1024 / 1e9
 
+    assert memory.current_gb() == pytest.approx(rss_gb(), abs=0.05)
     memory.release()
     start = rss_gb()
     first = [_touch(64_000) for _ in range(4000)]  # blocks below glibc's mmap threshold: they live on the heap

@@ -37,6 +37,7 @@ def test_full_run_writes_each_stage_with_manifest(completed_run):
         assert set(manifest["versions"]) >= {"torch", "transformers", "peft", "trl"}
         assert not (out / stage / "checkpoints").exists()
         assert 0 < manifest["peak_rss_gb"] < 24  # this stage's own peak, not the machine's
+        assert 0 < manifest["start_rss_gb"] <= manifest["peak_rss_gb"]
     assert _manifest(completed_run, "dpo")["inputs"]["sft"] == _manifest(completed_run, "sft")["fingerprint"]
     assert _manifest(completed_run, "dpo")["start"] == "merge"
     report = json.loads((out / "prepare" / "report.json").read_text())
