@@ -19,7 +19,7 @@ HEAD_CHUNK_ELEMENTS = 2**25
 
 
 # Causal LMs whose forward is ``logits = lm_head(decoder(...).last_hidden_state[:, logits_to_keep])`` with nothing
-# after the head when the config sets no logit softcapping (checked in transformers 5.23; tests cover llama, qwen2)
+# after the head when the config sets no logit softcapping (checked in transformers 5.23; tests cover llama, qwen2, gemma3)
 _PLAIN_HEAD_MODELS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
                       "Gemma3ForCausalLM", "Gemma2ForCausalLM"}
 
@@ -170,15 +170,18 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
                 logits.index_add_(-1, rows, F.linear(hidden[part], correction))
             logps = F.log_softmax(logits, dim=-1, dtype=torch.float32)
             logp[part] = logps.gather(-1, target).squeeze(-1)
+            probs = None
             if statistics:
-                stats[0][part] = -(logps.exp() * logps).sum(-1)  # entropy
-                stats[1][part] = logits.float().mean(-1)
+                probs = logps.exp()
+                stats[0][part] = -(probs * logps).sum(-1)  # entropy
+                stats[1][part] = logits.mean(-1, dtype=torch.float32)
                 stats[2][part] = logits.argmax(-1) == target.squeeze(-1)  # argmax takes the first maximum
             if wants_hidden or wants_delta:
+                probs = logps.exp_() if probs is None else probs  # one exp pass per chunk, in place if it can be
                 # d logp / d logits = onehot(target) - softmax, cast to the logits' dtype as autograd's would be
-                grad_logits = logps.exp_().neg_().scatter_add_(-1, target, torch.ones_like(logp[part]).unsqueeze(-1))
+                grad_logits = probs.neg_().scatter_add_(-1, target, torch.ones_like(logp[part]).unsqueeze(-1))
                 grad_logits = grad_logits.to(logits.dtype)
-                del logits, logps
+                del logits, logps, probs
                 if wants_hidden:
                     grad_hidden[part] = grad_logits @ weight
                     if rows is not None:
