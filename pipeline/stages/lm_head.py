@@ -213,9 +213,9 @@ def _mean_and_top1(logits: torch.Tensor, logps: torch.Tensor, targets: torch.Ten
     log-prob as large is the first maximum; a row at the maximum whose log-prob ``argmax`` is another token (a tie,
     or two logits rounded to one float32 log-prob) gets ``logits.argmax`` itself.
     """
-    log_partition = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() - logp
-    mean = logps.mean(-1) + log_partition
-    at_top = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) == logits.amax(-1)
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mean = logps.mean(-1) + (target_logits.float() - logp)  # + the log-partition
+    at_top = target_logits == logits.amax(-1)
     first = logps.argmax(-1) == targets
     top1 = at_top & first
     unsure = at_top & ~first
