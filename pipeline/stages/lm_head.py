@@ -19,7 +19,7 @@ HEAD_CHUNK_ELEMENTS = 2**25
 
 
 # Causal LMs whose forward is ``logits = lm_head(decoder(...).last_hidden_state[:, logits_to_keep])`` with nothing
-# after the head when the config sets no logit softcapping (checked in transformers 5.23; tests cover llama, qwen2, gemma3)
+# after the head when the config sets no logit softcapping (checked in transformers 5.23 and 5.25; tests cover llama, qwen2, gemma3)
 _PLAIN_HEAD_MODELS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
                       "Gemma3ForCausalLM", "Gemma2ForCausalLM"}
 
