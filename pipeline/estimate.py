@@ -92,7 +92,7 @@ def calibrate(recipe: Any) -> Speeds:
 
     from pipeline.inference import generate
     from pipeline.models import configure_generation, load_base_model, load_tokenizer, lora_config, resolve_model_path
-    from pipeline.stages.lm_head import labelled_log_probs
+    from pipeline.stages.lm_head import labelled_nll
 
     key = {"version": CALIBRATION_VERSION, "machine": machine(), "model": resolve_model_path(
         recipe.model["name_or_path"]), "dtype": str(resolve_dtype(recipe.model)), "lora": recipe.lora,
@@ -134,14 +134,13 @@ def calibrate(recipe: Any) -> Speeds:
 
     peft_model = get_peft_model(model, lora_config(recipe.lora, tokenizer))
     peft_model.train()
-    targets = ids[0, 1:]
 
     def training(keep: torch.Tensor) -> Any:
         def run() -> None:  # the SFT stage's loss (stages/sft.py), without the trainer around it
-            labelled = torch.zeros_like(ids[:, 1:], dtype=torch.bool)
-            labelled[0, keep] = True
-            _, scored = labelled_log_probs(peft_model, {"input_ids": ids}, labelled, targets[keep])
-            (-scored["logp"].mean()).backward()
+            labels = torch.full_like(ids, -100)
+            labels[0, keep + 1] = ids[0, keep + 1]  # position p predicts token p + 1
+            _, nll, count = labelled_nll(peft_model, {"input_ids": ids, "labels": labels})
+            (nll / count).backward()
             peft_model.zero_grad(set_to_none=True)
         return run
 

@@ -92,7 +92,7 @@ def test_chunked_head_skips_the_gradient_work_without_grad():
 
 
 def test_mean_logit_and_top1_equal_the_direct_computations_with_ties():
-    from pipeline.stages.lm_head import _mean_and_top1
+    from pipeline.stages.lm_head import _statistics
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 40, generator=generator).to(torch.bfloat16)
@@ -103,7 +103,7 @@ def test_mean_logit_and_top1_equal_the_direct_computations_with_ties():
     targets[2], targets[4] = 3, 0 if targets[4] != 0 else 1  # row 4: a target that is not the maximum
     logps = F.log_softmax(logits, dim=-1, dtype=torch.float32)
     logp = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    mean, top1 = _mean_and_top1(logits, logps, targets, logp)
+    _, mean, top1 = _statistics(logits, logps, logps.exp(), targets, logp)
     torch.testing.assert_close(mean, logits.float().mean(-1))
     expected = logits.argmax(-1) == targets
     assert torch.equal(top1, expected) and expected.tolist()[:5] == [True, False, True, True, False]

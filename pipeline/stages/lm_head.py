@@ -173,8 +173,9 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
             probs = None
             if statistics:
                 probs = logps.exp()
-                stats[0][part] = -(probs * logps).sum(-1)  # entropy
-                stats[1][part], stats[2][part] = _mean_and_top1(logits, logps, target.squeeze(-1), logp[part])
+                values = _statistics(logits, logps, probs, target.squeeze(-1), logp[part])
+                for store, value in zip(stats, values, strict=True):
+                    store[part] = value
             if wants_hidden or wants_delta:
                 probs = logps.exp_() if probs is None else probs  # one exp pass per chunk, in place if it can be
                 # d logp / d logits = onehot(target) - softmax, cast to the logits' dtype as autograd's would be
@@ -203,16 +204,17 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
         return d_hidden, d_delta, None, None, None, None, None, None
 
 
-def _mean_and_top1(logits: torch.Tensor, logps: torch.Tensor, targets: torch.Tensor,
-                   logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each position's mean logit, and whether its target is the logits' ``argmax`` (the first maximum), from
-    float32 passes over ``logps`` where bf16 passes over ``logits`` are 4-12x slower on CPU (2026-12-04, Zen 4).
+def _statistics(logits: torch.Tensor, logps: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor,
+                logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each position's entropy, mean logit, and whether its target is the logits' ``argmax`` (the first maximum),
+    from float32 passes over ``logps`` where bf16 passes over ``logits`` are 4-12x slower on CPU (2026-12-04, Zen 4).
 
     The mean logit is the mean log-prob plus the log-partition (a token's logit minus its log-prob). The top-1 test:
     ``log_softmax`` shifts each row by one number, so a target at the row's maximum logit with no earlier
     log-prob as large is the first maximum; a row at the maximum whose log-prob ``argmax`` is another token (a tie,
     or two logits rounded to one float32 log-prob) gets ``logits.argmax`` itself.
     """
+    entropy = -(probs * logps).sum(-1)
     target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     mean = logps.mean(-1) + (target_logits.float() - logp)  # + the log-partition
     at_top = target_logits == logits.amax(-1)
@@ -221,7 +223,7 @@ def _mean_and_top1(logits: torch.Tensor, logps: torch.Tensor, targets: torch.Ten
     unsure = at_top & ~first
     if unsure.any():
         top1[unsure] = logits[unsure].argmax(-1) == targets[unsure]
-    return mean, top1
+    return entropy, mean, top1
 
 
 def head_log_probs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None = None,
@@ -249,8 +251,8 @@ def logits_log_probs(logits: torch.Tensor, targets: torch.Tensor, statistics: bo
     scored = {"logp": logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)}
     if statistics:
         with torch.no_grad():
-            scored.update(entropy=-(logps.exp() * logps).sum(-1), mean_logits=logits.float().mean(-1),
-                          is_top1=logits.argmax(-1) == targets)
+            stats = _statistics(logits, logps, logps.exp(), targets, scored["logp"])
+        scored.update(zip(("entropy", "mean_logits", "is_top1"), stats, strict=True))
     return scored
 
 
@@ -289,3 +291,13 @@ def labelled_log_probs(model: Any, model_inputs: dict[str, Any], labelled: torch
     keep = labelled.any(dim=0).nonzero().flatten()
     outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
     return outputs, logits_log_probs(outputs.logits[labelled[:, keep]], targets, statistics)
+
+
+def labelled_nll(model: Any, inputs: dict[str, Any]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The model's outputs, the summed negative log-likelihood of the tokens ``inputs["labels"]`` trains (those not
+    -100; position ``p`` predicts token ``p + 1``) through :func:`labelled_log_probs`, and how many there are."""
+    targets = inputs["labels"][:, 1:]
+    labelled = targets != -100
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    outputs, scored = labelled_log_probs(model, model_inputs, labelled, targets[labelled])
+    return outputs, -scored["logp"].sum(), labelled.sum()

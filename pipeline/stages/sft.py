@@ -21,7 +21,7 @@ from pipeline.models import (
     set_adapter_dtype,
 )
 from pipeline.stages.context import StageContext
-from pipeline.stages.lm_head import labelled_log_probs
+from pipeline.stages.lm_head import labelled_nll
 from pipeline.stages.training import (
     StopOnNonFiniteLoss,
     check_save_cadence,
@@ -38,18 +38,15 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
     TRL 1.16's fused LM head has no CPU kernel: there it scores every position (prompt and padding too)
     against the whole vocabulary and runs its backward in fp32. With Gemma's 262k-token vocabulary that
     head costs more than the transformer. Sending exactly the labelled positions through the head, a chunk at a
-    time (``lm_head.labelled_log_probs``), yields the same loss for a fraction of the work and memory (measured:
+    time (``lm_head.labelled_nll``), yields the same loss for a fraction of the work and memory (measured:
     README "Performance").
     Used on CPU, and wherever the template's turn tokens are trained (see ``models.lora_config``).
     """
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        targets = inputs["labels"][:, 1:]
-        labelled = targets != -100  # positions whose next token is trained
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs, scored = labelled_log_probs(model, model_inputs, labelled, targets[labelled])
-        loss = -scored["logp"].sum() / (num_items_in_batch if num_items_in_batch is not None else labelled.sum())
+        outputs, nll, labelled = labelled_nll(model, inputs)
+        loss = nll / (num_items_in_batch if num_items_in_batch is not None else labelled)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # as Trainer.compute_loss: num_items_in_batch counts every process's tokens and DDP averages the
             # gradients over the processes, so scale back up (a no-op in one process)
