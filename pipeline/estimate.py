@@ -29,7 +29,7 @@ from pipeline.artifacts import atomic_write_json, fingerprint, library_versions
 from pipeline.gguf import default_cache_dir
 from pipeline.models import resolve_device, resolve_dtype
 
-CALIBRATION_VERSION = 2  # 2: the training loss through the chunked LM head (stages/lm_head.py)
+CALIBRATION_VERSION = 3  # 2: the training loss through the chunked LM head (stages/lm_head.py); 3: under autocast
 _TOKENS = 256  # calibration sequence length
 _DECODE_STEPS = 16
 
@@ -134,12 +134,16 @@ def calibrate(recipe: Any) -> Speeds:
 
     peft_model = get_peft_model(model, lora_config(recipe.lora, tokenizer))
     peft_model.train()
+    # the trainers' mixed precision (stages/training.py sets bf16 / fp16 for such a model): accelerate's autocast
+    half = model.dtype in (torch.bfloat16, torch.float16)
+    mixed_precision = torch.autocast(model.device.type, dtype=model.dtype if half else None, enabled=half)
 
     def training(keep: torch.Tensor) -> Any:
         def run() -> None:  # the SFT stage's loss (stages/sft.py), without the trainer around it
             labels = torch.full_like(ids, -100)
             labels[0, keep + 1] = ids[0, keep + 1]  # position p predicts token p + 1
-            _, nll, count = labelled_nll(peft_model, {"input_ids": ids, "labels": labels})
+            with mixed_precision:
+                _, nll, count = labelled_nll(peft_model, {"input_ids": ids, "labels": labels})
             (nll / count).backward()
             peft_model.zero_grad(set_to_none=True)
         return run

@@ -136,7 +136,9 @@ class LabelledPositionsDPOTrainer(DPOTrainer):
 
     def _labelled_positions_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         mode = "train" if self.model.training else "eval"
-        policy = _completion_logps(model, inputs)
+        # under the accelerator's autocast, as the model's own (accelerate-wrapped) forward runs in TRL's path
+        with self.accelerator.autocast():
+            policy = _completion_logps(model, inputs)
         per_token, mask = policy["per_token"], policy["mask"]
         chosen_logps, rejected_logps = per_token.sum(dim=1).chunk(2, dim=0)  # batch is [chosen, rejected]
         if self.precompute_ref_logps:
@@ -145,7 +147,7 @@ class LabelledPositionsDPOTrainer(DPOTrainer):
             reference = self.ref_model if self.ref_model is not None else self.model
             with (torch.no_grad(),
                   disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-                  self._reference_context()):
+                  self._reference_context(), self.accelerator.autocast()):
                 ref_logps = _completion_logps(reference, inputs, statistics=False)["per_token"].sum(dim=1)
             ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2, dim=0)
 

@@ -45,7 +45,9 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        outputs, nll, labelled = labelled_nll(model, inputs)
+        # the decoder runs under the accelerator's autocast, as the model's own (accelerate-wrapped) forward does
+        with self.accelerator.autocast():
+            outputs, nll, labelled = labelled_nll(model, inputs)
         loss = nll / (num_items_in_batch if num_items_in_batch is not None else labelled)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # as Trainer.compute_loss: num_items_in_batch counts every process's tokens and DDP averages the
