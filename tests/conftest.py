@@ -159,3 +159,23 @@ def sft_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     run_recipe(validate_recipe(raw), log=lambda _: None)
     return tmp / "runs" / "sft"
+
+
+def lora_output_dtypes(model, compute):
+    """``compute()``'s result and the dtypes the LoRA A products came out in while it ran."""
+    seen = set()
+    hooks = [module.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+             for name, module in model.named_modules() if name.endswith("lora_A.default")]
+    try:
+        result = compute()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return result, seen
+
+
+def relative_difference(ours: dict, theirs: dict) -> float:
+    """||ours - theirs|| / ||theirs|| over every tensor of two same-keyed dicts (gradients), in float32."""
+    num = sum(float((ours[name].float() - grad.float()).norm() ** 2) for name, grad in theirs.items())
+    den = sum(float(grad.float().norm() ** 2) for grad in theirs.values())
+    return (num / den) ** 0.5

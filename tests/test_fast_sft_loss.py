@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import lora_output_dtypes, relative_difference
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from trl import SFTConfig
@@ -77,20 +78,13 @@ def test_under_bf16_mixed_precision_the_loss_runs_as_the_models_autocast_forward
     assert trainer.accelerator.native_amp
     model = trainer.accelerator.prepare_model(trainer.model)  # as Trainer.train wraps it
     batch = next(iter(trainer.get_train_dataloader()))
-    seen = {"theirs": set(), "ours": set()}
-    for key, compute in (("theirs", lambda: model(**batch, use_cache=False).loss),
-                         ("ours", lambda: trainer.compute_loss(model, dict(batch)))):
-        hooks = [module.register_forward_hook(lambda _m, _i, out, key=key: seen[key].add(out.dtype))
-                 for name, module in model.named_modules() if name.endswith("lora_A.default")]
-        seen[key + "_result"] = _loss_and_grads(model, compute)
-        for hook in hooks:
-            hook.remove()
-    assert seen["ours"] == seen["theirs"] == {torch.bfloat16}
-    ours, theirs = seen["ours_result"], seen["theirs_result"]
-    num = sum(float((ours[1][n].float() - g.float()).norm() ** 2) for n, g in theirs[1].items()) ** 0.5
-    den = sum(float(g.float().norm() ** 2) for g in theirs[1].values()) ** 0.5
+    theirs, their_dtypes = lora_output_dtypes(
+        model, lambda: _loss_and_grads(model, lambda: model(**batch, use_cache=False).loss))
+    ours, our_dtypes = lora_output_dtypes(
+        model, lambda: _loss_and_grads(model, lambda: trainer.compute_loss(model, dict(batch))))
+    assert our_dtypes == their_dtypes == {torch.bfloat16}
     torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=5e-5)  # measured 4e-6
-    assert num / den < 0.02  # measured 0.9 %: bf16 rounding in the head
+    assert relative_difference(ours[1], theirs[1]) < 0.02  # measured 0.9 %: bf16 rounding in the head
 
 
 def test_the_trained_rows_save_an_adapter_stock_peft_loads_with_the_same_weights(trainer, tmp_path):
