@@ -29,7 +29,7 @@ from pipeline.artifacts import atomic_write_json, fingerprint, library_versions
 from pipeline.gguf import default_cache_dir
 from pipeline.models import resolve_device, resolve_dtype
 
-CALIBRATION_VERSION = 3  # 2: the training loss through the chunked LM head (stages/lm_head.py); 3: under autocast
+CALIBRATION_VERSION = 3  # 2: the training loss through the chunked LM head (pipeline/lm_head.py); 3: under autocast
 _TOKENS = 256  # calibration sequence length
 _DECODE_STEPS = 16
 
@@ -91,8 +91,8 @@ def calibrate(recipe: Any) -> Speeds:
     from peft import get_peft_model
 
     from pipeline.inference import generate
+    from pipeline.lm_head import labelled_nll
     from pipeline.models import configure_generation, load_base_model, load_tokenizer, lora_config, resolve_model_path
-    from pipeline.stages.lm_head import labelled_nll
 
     key = {"version": CALIBRATION_VERSION, "machine": machine(), "model": resolve_model_path(
         recipe.model["name_or_path"]), "dtype": str(resolve_dtype(recipe.model)), "lora": recipe.lora,

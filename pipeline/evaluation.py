@@ -21,6 +21,7 @@ from pipeline.data.constraints import aggregate, evaluate_response, get_constrai
 from pipeline.data.formats import read_jsonl
 from pipeline.errors import DataError, PipelineError
 from pipeline.inference import generate
+from pipeline.lm_head import labelled_log_probs
 
 
 def load_prompts(path: str | Path, max_prompts: int | None = None) -> list[dict[str, Any]]:
@@ -84,6 +85,7 @@ def _encode_completion(tokenizer: Any, prompt: list[dict[str, str]],
 
 
 MAX_SCORED_POSITIONS = 1024  # rows x kept positions per scoring forward: 1 GiB of fp32 logits at 262k tokens
+# (the bound of a model whose own forward must run: lm_head.labelled_log_probs scores others a chunk at a time)
 
 
 def _position_batches(order: list[int], completion_lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -107,9 +109,8 @@ def completion_logps_batched(model: Any, tokenizer: Any, items: list[tuple[list[
                              batch_size: int = 8) -> list[tuple[float, int]]:
     """``(sum of completion log-probs, completion tokens)`` for many (prompt, completion) pairs at once.
 
-    Rows are left-padded, so every completion ends at the last position and one ``logits_to_keep`` covers
-    them all: the vocabulary projection (most of a small model's cost) runs only where completion tokens
-    are predicted. Position ids restart after the padding, so a row scores as it would alone.
+    Rows are left-padded (position ids restart after the padding, so a row scores as it would alone) and sorted by
+    length; exactly each row's completion positions go through the LM head (:func:`lm_head.labelled_log_probs`).
     """
     encoded = [_encode_completion(tokenizer, prompt, completion) for prompt, completion in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -117,22 +118,18 @@ def completion_logps_batched(model: Any, tokenizer: Any, items: list[tuple[list[
     order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))  # similar lengths: little padding
     for idx in _position_batches(order, [encoded[i][1] for i in range(len(items))], batch_size):
         width = max(len(encoded[i][0]) for i in idx)
-        keep = max(encoded[i][1] for i in idx)  # longest completion in the batch
-        ids = torch.tensor([[pad] * (width - len(encoded[i][0])) + encoded[i][0] for i in idx])
-        mask = torch.tensor([[0] * (width - len(encoded[i][0])) + [1] * len(encoded[i][0]) for i in idx])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # Positions as an index tensor, not an int: torch's CPU linear turns a strided slice of a batch into a
-        # bmm that copies the vocabulary matrix once per row (measured 13x slower on gemma-3-270m).
-        predicting = torch.arange(width - keep - 1, width - 1, device=model.device)
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                       position_ids=positions.to(model.device), logits_to_keep=predicting, use_cache=False).logits
-        targets = ids[:, width - keep:].to(model.device)
+        ids = torch.tensor([[pad] * (width - len(encoded[i][0])) + encoded[i][0] for i in idx], device=model.device)
+        mask = torch.tensor([[0] * (width - len(encoded[i][0])) + [1] * len(encoded[i][0]) for i in idx],
+                            device=model.device)
+        counts = torch.tensor([encoded[i][1] for i in idx], device=model.device)
+        # position p predicts token p + 1: a row's last ``count`` positions but one predict its completion
+        labelled = torch.arange(width - 1, device=model.device) >= (width - 1 - counts).unsqueeze(-1)
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        _, scored = labelled_log_probs(model, inputs, labelled, ids[:, 1:][labelled])
+        sums = torch.zeros(len(idx), dtype=torch.float64, device=model.device)
+        sums.index_add_(0, labelled.nonzero()[:, 0], scored["logp"].double())
         for row, i in enumerate(idx):
-            n = encoded[i][1]
-            # log-softmax row by row, in fp32: a whole batch of vocabulary-wide fp32 rows is large
-            logps = torch.log_softmax(logits[row, keep - n:keep], dim=-1, dtype=torch.float32)
-            picked = logps.gather(-1, targets[row, keep - n:, None])[:, 0]
-            results[i] = (float(picked.sum()), n)
+            results[i] = (float(sums[row]), encoded[i][1])
     return results  # type: ignore[return-value]
 
 

@@ -162,16 +162,23 @@ def test_plain_prompts_without_instructions_are_scored_for_format_only(tiny_reci
     assert (out / "comparison.png").stat().st_size > 1000
 
 
-def test_completion_logps_equal_a_full_forward(tiny_model_dir):
+@pytest.mark.parametrize(("arch", "softcap"), [("llama", None), ("gemma3", None), ("gemma3", 30.0)],
+                         ids=["llama-chunked-head", "gemma3-chunked-head", "gemma3-softcapped-own-forward"])
+def test_completion_logps_equal_a_full_forward(tmp_path, arch, softcap):
     import torch
+    from conftest import build_tiny_model
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import MODEL_DEFAULTS
     from pipeline.evaluation import completion_logps
+    from pipeline.lm_head import decoder_and_head
     from pipeline.models import load_tokenizer
 
-    tokenizer = load_tokenizer({**MODEL_DEFAULTS, "name_or_path": str(tiny_model_dir), "chat_template": "chatml"})
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model_dir = build_tiny_model(tmp_path / "model", arch=arch)
+    tokenizer = load_tokenizer({**MODEL_DEFAULTS, "name_or_path": str(model_dir), "chat_template": "chatml"})
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.config.get_text_config().final_logit_softcapping = softcap  # softcapping: the model's own forward runs
+    assert (decoder_and_head(model) is None) == (softcap is not None)
     prompt, answer = [{"role": "user", "content": "Say hi."}], [{"role": "assistant", "content": "hi there."}]
     logp, n = completion_logps(model, tokenizer, prompt, answer)
     full = tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=True)["input_ids"]

@@ -12,9 +12,9 @@ from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
 from pipeline.config import MODEL_DEFAULTS
+from pipeline.lm_head import decoder_and_head
 from pipeline.models import load_tokenizer
 from pipeline.stages.fast_loss import CHECKED_TRL, HANDLED_LOSS_TYPES, LabelledPositionsDPOTrainer, unsupported_reason
-from pipeline.stages.lm_head import decoder_and_head
 
 COMBINED = [(["sigmoid", "sft"], [1.0, 1.0]), (["sigmoid", "sft"], [1.0, 2.0]), (["ipo", "sft", "hinge"], None),
             (["robust", "apo_zero", "apo_down", "sigmoid_norm"], [0.5, 1.0, 1.0, 2.0])]

@@ -10,8 +10,8 @@ from peft import LoraConfig, PeftModel
 from trl import SFTConfig
 
 from pipeline.config import MODEL_DEFAULTS
+from pipeline.lm_head import trained_token_rows
 from pipeline.models import load_tokenizer, template_token_ids
-from pipeline.stages.lm_head import trained_token_rows
 from pipeline.stages.sft import LabelledPositionsSFTTrainer
 
 CONVERSATIONS = [[{"role": "user", "content": f"Name a fruit ({i})."},

@@ -1,4 +1,4 @@
-"""The LM head at labelled positions only (``stages/lm_head.py``): the model's own log-probs on every path, and the
+"""The LM head at labelled positions only (``pipeline/lm_head.py``): the model's own log-probs on every path, and the
 chunked head's loss and gradients equal autograd's through the whole (positions x vocabulary) logits."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import build_tiny_model
 from peft import LoraConfig, get_peft_model
 
-from pipeline.stages.lm_head import decoder_and_head, head_log_probs, labelled_log_probs
+from pipeline.lm_head import decoder_and_head, head_log_probs, labelled_log_probs
 
 
 class _Wrapper(torch.nn.Module):
@@ -92,7 +92,7 @@ def test_chunked_head_skips_the_gradient_work_without_grad():
 
 
 def test_mean_logit_and_top1_equal_the_direct_computations_with_ties():
-    from pipeline.stages.lm_head import _statistics
+    from pipeline.lm_head import _statistics
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 40, generator=generator).to(torch.bfloat16)

@@ -32,7 +32,7 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from pipeline.stages.lm_head import labelled_log_probs
+from pipeline.lm_head import labelled_log_probs
 
 CHECKED_TRL = SpecifierSet(">=1.16,<1.17")  # the TRL versions whose DPO loss this file was proven against
 HANDLED_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "robust", "apo_zero", "apo_down", "sigmoid_norm", "sft"})

@@ -12,6 +12,7 @@ from typing import Any
 from datasets import load_from_disk
 from trl import SFTConfig, SFTTrainer
 
+from pipeline.lm_head import labelled_nll
 from pipeline.models import (
     load_base_model,
     load_tokenizer,
@@ -21,7 +22,6 @@ from pipeline.models import (
     set_adapter_dtype,
 )
 from pipeline.stages.context import StageContext
-from pipeline.stages.lm_head import labelled_nll
 from pipeline.stages.training import (
     StopOnNonFiniteLoss,
     check_save_cadence,

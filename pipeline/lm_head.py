@@ -1,8 +1,8 @@
 """The LM head at labelled (row, position) pairs only: the positions that carry a label, and nothing else, go
 through the (vocabulary x hidden) head, a chunk of positions at a time.
 
-Used by the SFT stage's loss (``stages/sft.py``), the DPO stage's (``stages/fast_loss.py``) and the time estimate
-(``estimate.py``). With Gemma's 262k-token vocabulary the head costs more than the transformer, and its float32
+Used by the SFT stage's loss (``stages/sft.py``), the DPO stage's (``stages/fast_loss.py``), the eval's held-out
+scoring (``evaluation.py``) and the time estimate (``estimate.py``). With Gemma's 262k-token vocabulary the head costs more than the transformer, and its float32
 log-probabilities and their gradients at every labelled position were the largest tensors of a training step.
 """
 
@@ -257,7 +257,9 @@ def logits_log_probs(logits: torch.Tensor, targets: torch.Tensor, statistics: bo
 
 
 def _frozen_plain_head(head: Any) -> bool:
-    return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+    """A bias-free linear head that gets no gradient: frozen, or run where autograd records nothing."""
+    frozen = not head.weight.requires_grad or not torch.is_grad_enabled()
+    return type(head) is torch.nn.Linear and head.bias is None and frozen
 
 
 def labelled_log_probs(model: Any, model_inputs: dict[str, Any], labelled: torch.Tensor, targets: torch.Tensor,
