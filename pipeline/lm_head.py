@@ -2,8 +2,9 @@
 through the (vocabulary x hidden) head, a chunk of positions at a time.
 
 Used by the SFT stage's loss (``stages/sft.py``), the DPO stage's (``stages/fast_loss.py``), the eval's held-out
-scoring (``evaluation.py``) and the time estimate (``estimate.py``). With Gemma's 262k-token vocabulary the head costs more than the transformer, and its float32
-log-probabilities and their gradients at every labelled position were the largest tensors of a training step.
+scoring (``evaluation.py``) and the time estimate (``estimate.py``). With Gemma's 262k-token vocabulary the head
+costs more than the transformer, and its float32 log-probabilities and their gradients at every labelled position
+were the largest tensors of a training step.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ HEAD_CHUNK_ELEMENTS = 2**25
 
 
 # Causal LMs whose forward is ``logits = lm_head(decoder(...).last_hidden_state[:, logits_to_keep])`` with nothing
-# after the head when the config sets no logit softcapping (checked in transformers 5.23 and 5.25; tests cover llama, qwen2, gemma3)
+# after the head when the config sets no logit softcapping (checked in transformers 5.23 and 5.25; tests cover
+# llama, qwen2, gemma3)
 _PLAIN_HEAD_MODELS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
                       "Gemma3ForCausalLM", "Gemma2ForCausalLM"}
 
