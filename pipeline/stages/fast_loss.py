@@ -115,14 +115,20 @@ class LabelledPositionsDPOTrainer(DPOTrainer):
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return contextlib.nullcontext()
 
+    def _scored(self, model: Any, inputs: dict[str, Any], statistics: bool = True) -> dict[str, torch.Tensor]:
+        """:func:`_completion_logps` under the accelerator's autocast: TRL's path runs the model's own forward,
+        which accelerate wraps in it for mixed precision (bf16 LoRA products on float32 adapters)."""
+        with self.accelerator.autocast():
+            return _completion_logps(model, inputs, statistics)
+
     def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> Any:
         reason = self._fallback_reason(model, inputs, return_outputs=False)
         if reason:
             self._note_fallback(reason)
             return super().compute_ref_log_probs(model, inputs)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-              self._reference_context(), self.accelerator.autocast()):
-            ref_logps = _completion_logps(model, inputs, statistics=False)["per_token"].sum(dim=1)
+              self._reference_context()):
+            ref_logps = self._scored(model, inputs, statistics=False)["per_token"].sum(dim=1)
         return ref_logps.chunk(2, dim=0)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -136,9 +142,7 @@ class LabelledPositionsDPOTrainer(DPOTrainer):
 
     def _labelled_positions_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         mode = "train" if self.model.training else "eval"
-        # under the accelerator's autocast, as the model's own (accelerate-wrapped) forward runs in TRL's path
-        with self.accelerator.autocast():
-            policy = _completion_logps(model, inputs)
+        policy = self._scored(model, inputs)
         per_token, mask = policy["per_token"], policy["mask"]
         chosen_logps, rejected_logps = per_token.sum(dim=1).chunk(2, dim=0)  # batch is [chosen, rejected]
         if self.precompute_ref_logps:
@@ -147,8 +151,8 @@ class LabelledPositionsDPOTrainer(DPOTrainer):
             reference = self.ref_model if self.ref_model is not None else self.model
             with (torch.no_grad(),
                   disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-                  self._reference_context(), self.accelerator.autocast()):
-                ref_logps = _completion_logps(reference, inputs, statistics=False)["per_token"].sum(dim=1)
+                  self._reference_context()):
+                ref_logps = self._scored(reference, inputs, statistics=False)["per_token"].sum(dim=1)
             ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2, dim=0)
 
         chosen_logratios = chosen_logps - ref_chosen_logps
