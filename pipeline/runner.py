@@ -266,6 +266,7 @@ def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None 
     """
     selected = select_stages(recipe, stage, from_stage)
     enabled = recipe.enabled_stages()
+    memory.reuse_freed_memory()  # the LM head's large chunks reuse heap memory instead of fresh pages each time
     if "eval" in selected and recipe.eval:
         _check_eval_files(recipe.eval)
     roles = ProcessRoles(recipe)

@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --quick's defaults finish in about 8 minutes on 2 AVX2 cores, where plain TRL's bf16 autocast is slow
     parser.add_argument("--rounds", type=int, default=1, help="--quick: interleaved repeats of each measurement")
     parser.add_argument("--sft-rows", type=int, default=6, help="--quick: conversations each SFT loop trains on")
+    parser.add_argument("--no-heap-reuse", action="store_true",
+                        help="--quick: the pipeline's loops with glibc's default allocator settings (for an A/B)")
+    parser.add_argument("--plain-trl-loop", choices=["sft", "dpo"], help=argparse.SUPPRESS)
     parser.add_argument("--dpo-pairs", type=int, default=2, help="--quick: pairs each DPO loop trains on")
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"), help="--quick: settings")
     parser.add_argument("--what", choices=["sft", "dpo", "generate", "kernels"],
@@ -475,15 +478,56 @@ def _consumed_batches(trainer: Any) -> list[dict[str, Any]]:
     return [dict(b) for b in trainer.get_train_dataloader()]
 
 
-def run_quick(args: argparse.Namespace) -> dict[str, Any]:
-    """Pipeline SFT/DPO loops vs plain TRL vs the bare model, ``args.rounds`` times interleaved."""
-    import tempfile
+def _quiet_libraries() -> None:
+    for noisy in ("transformers", "trl", "peft", "datasets", "accelerate"):  # keep the output to our lines
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
+
+def _plain_trl_loop(args: argparse.Namespace, stage: str) -> tuple[float, int]:
+    """Plain TRL's ``stage`` loop (its defaults, the recipe's LoRA without the turn-token rows, the same rows):
+    seconds to build the trainer and train, and its optimizer steps."""
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+    from pipeline.models import load_base_model, load_tokenizer
+
+    _quiet_libraries()
+    recipe = _quick_settings(args)
+    tokenizer = load_tokenizer(recipe.model)
+    sft_rows, pairs = _quick_rows(recipe, tokenizer, args)
+    fields = {k: v for k, v in recipe.lora.items() if k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+    lora = LoraConfig(**fields, task_type="CAUSAL_LM")
+    with tempfile.TemporaryDirectory() as tmp:
+        def build() -> Any:
+            if stage == "sft":
+                return SFTTrainer(model=load_base_model(recipe.model), args=SFTConfig(**_plain_args(tmp)),
+                                  train_dataset=sft_rows, processing_class=tokenizer, peft_config=lora)
+            return DPOTrainer(model=load_base_model(recipe.model), args=DPOConfig(**_plain_args(tmp)),
+                              train_dataset=pairs, processing_class=tokenizer, peft_config=lora)
+
+        total, _, trainer, _ = _timed_loop(build)
+        return total, trainer.state.global_step
+
+
+def _in_fresh_process(args: argparse.Namespace, stage: str) -> tuple[float, int]:
+    """:func:`_plain_trl_loop` in a new Python process: nothing of this process's heap, allocator settings or
+    caches (``--plain-trl-loop``, which prints its result as the last line)."""
+    import subprocess
+
+    command = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--plain-trl-loop", stage]
+    out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+    seconds, steps = json.loads(out.strip().splitlines()[-1])
+    return seconds, steps
+
+
+def run_quick(args: argparse.Namespace) -> dict[str, Any]:
+    """Pipeline SFT/DPO loops vs plain TRL vs the bare model, ``args.rounds`` times interleaved. Plain TRL runs
+    in a fresh process each time (glibc's default allocator, as a user's own TRL script has it); the pipeline's
+    loops and the floor here, with the allocator setting the pipeline's runner makes."""
+    from trl import DPOConfig, SFTConfig
+
+    from pipeline import memory
     from pipeline.config import DPO_PIPELINE_KEYS
-    from pipeline.memory import peak_gb
     from pipeline.models import load_base_model, load_tokenizer, lora_config, resolve_dtype, set_adapter_dtype
     from pipeline.stages.fast_loss import LabelledPositionsDPOTrainer
     from pipeline.stages.sft import LabelledPositionsSFTTrainer
@@ -492,8 +536,7 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
     recipe = _quick_settings(args)
     tokenizer = load_tokenizer(recipe.model)
     sft_rows, pairs = _quick_rows(recipe, tokenizer, args)
-    fields = {k: v for k, v in recipe.lora.items() if k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
-    plain_lora = LoraConfig(**fields, task_type="CAUSAL_LM")  # the same LoRA, without the turn-token rows
+    heap_reuse = not args.no_heap_reuse and memory.reuse_freed_memory()
 
     def fresh_model() -> Any:  # each trainer wraps and patches its model: never share one
         return load_base_model(recipe.model)
@@ -511,10 +554,6 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
             set_adapter_dtype(trainer.model, recipe.lora)
             return trainer
 
-        def sft_plain() -> Any:
-            return SFTTrainer(model=fresh_model(), args=SFTConfig(**_plain_args(tmp)), train_dataset=fresh(sft_rows),
-                              processing_class=tokenizer, peft_config=plain_lora)
-
         def dpo_pipeline() -> Any:
             settings = _loop_args(recipe.dpo, recipe, tmp, tuple(DPO_PIPELINE_KEYS))
             trainer = LabelledPositionsDPOTrainer(
@@ -522,10 +561,6 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
                 processing_class=tokenizer, peft_config=lora_config(recipe.lora), callbacks=[StepTimer()])
             set_adapter_dtype(trainer.model, recipe.lora)
             return trainer
-
-        def dpo_plain() -> Any:
-            return DPOTrainer(model=fresh_model(), args=DPOConfig(**_plain_args(tmp)), train_dataset=fresh(pairs),
-                              processing_class=tokenizer, peft_config=plain_lora)
 
         bare = fresh_model()
 
@@ -535,8 +570,7 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
             return bare_floor_seconds(bare, batches)
 
         for round_ in range(args.rounds):
-            for stage, pipeline_build, plain_build in (("sft", sft_pipeline, sft_plain),
-                                                       ("dpo", dpo_pipeline, dpo_plain)):
+            for stage, pipeline_build in (("sft", sft_pipeline), ("dpo", dpo_pipeline)):
                 total, in_train, trainer, floor_before = _timed_loop(pipeline_build, warm_floor)
                 batches = _consumed_batches(trainer)
                 # the floor just before and just after the loop: drift on the machine hits both alike
@@ -550,14 +584,13 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
                 if stage == "dpo":
                     info["dpo_loss_path"] = trainer.loss_path
                 del trainer
-                total, _, trainer, _ = _timed_loop(plain_build)
+                total, plain_steps = _in_fresh_process(args, stage)
                 times.setdefault(f"{stage}_plain_trl_s", []).append(total)
-                info[f"{stage}_steps"] = {"pipeline": steps, "plain_trl": trainer.state.global_step}
+                info[f"{stage}_steps"] = {"pipeline": steps, "plain_trl": plain_steps}
                 info[f"{stage}_tokens"] = int(sum(b["input_ids"].numel() for b in batches))
                 info[f"{stage}_labelled_positions"] = int(sum(
                     ((b["labels"][:, 1:] != -100) if "labels" in b else (b["completion_mask"][:, 1:] == 1)).sum()
                     for b in batches))
-                del trainer
                 print(f"  round {round_ + 1}/{args.rounds} {stage}: " + ", ".join(
                     f"{k} {v[-1]:.1f}" for k, v in times.items() if k.startswith(stage)), file=sys.stderr, flush=True)
 
@@ -569,10 +602,11 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
         "dpo_speedup": ratio("dpo_plain_trl_s", "dpo_pipeline_s"),
         "sft_floor_ratio": ratio("sft_pipeline_steps_s", "sft_floor_s"),
         "dpo_floor_ratio": ratio("dpo_pipeline_steps_s", "dpo_floor_s"),
-        "peak_rss_gb": peak_gb(),  # GB of 10^9 bytes (before 2026-12-04: GiB)
+        "peak_rss_gb": memory.peak_gb(),  # GB of 10^9 bytes (before 2026-12-04: GiB)
         "machine": machine(),
         "dtype": str(resolve_dtype(recipe.model)).removeprefix("torch."),
         "model": args.model,
+        "heap_reuse": heap_reuse,  # pipeline.memory.reuse_freed_memory for the pipeline's loops and the floor
         "rows": {"sft_conversations": len(sft_rows), "dpo_pairs": len(pairs)},
         **info,
         "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
@@ -583,11 +617,14 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.plain_trl_loop:  # one of --quick's plain TRL loops, in its own process (_in_fresh_process)
+        print(json.dumps(_plain_trl_loop(args, args.plain_trl_loop)))
+        return
     if not args.quick and not args.what:
         raise SystemExit("say what to measure: --what sft|dpo|generate|kernels, or --quick")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("transformers", "trl", "peft", "datasets", "accelerate"):  # keep the output to our lines
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    _quiet_libraries()
     if args.quick:
         result = run_quick(args)
         text = json.dumps(result, indent=2)
