@@ -505,7 +505,10 @@ def _plain_trl_loop(args: argparse.Namespace, stage: str) -> tuple[float, int]:
             return DPOTrainer(model=load_base_model(recipe.model), args=DPOConfig(**_plain_args(tmp)),
                               train_dataset=pairs, processing_class=tokenizer, peft_config=lora)
 
-        total, _, trainer, _ = _timed_loop(build)
+        def warm(trainer: Any) -> None:  # untimed, as the pipeline's loop gets it from the floor's first batch
+            bare_floor_seconds(load_base_model(recipe.model), _consumed_batches(trainer)[:1])
+
+        total, _, trainer, _ = _timed_loop(build, warm)
         return total, trainer.state.global_step
 
 
@@ -584,6 +587,7 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
                 if stage == "dpo":
                     info["dpo_loss_path"] = trainer.loss_path
                 del trainer
+                memory.release()  # as the pipeline's runner does between stages
                 total, plain_steps = _in_fresh_process(args, stage)
                 times.setdefault(f"{stage}_plain_trl_s", []).append(total)
                 info[f"{stage}_steps"] = {"pipeline": steps, "plain_trl": plain_steps}
