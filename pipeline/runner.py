@@ -28,7 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline import estimate, memory
+from pipeline import estimate, lm_head, memory
 from pipeline.artifacts import (
     FILES,
     IN_PROGRESS,
@@ -266,7 +266,6 @@ def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None 
     """
     selected = select_stages(recipe, stage, from_stage)
     enabled = recipe.enabled_stages()
-    memory.reuse_freed_memory()  # the LM head's large chunks reuse heap memory instead of fresh pages each time
     if "eval" in selected and recipe.eval:
         _check_eval_files(recipe.eval)
     roles = ProcessRoles(recipe)
@@ -403,6 +402,7 @@ def _start_stage(recipe: Recipe, name: str, stage_dir: Path, fp: str, config: di
 def _run_one(recipe: Recipe, plan: _RunDecision, roles: ProcessRoles, log: Callable[[str], None]) -> StageOutcome:
     name, stage_dir = plan.name, recipe.stage_dir(plan.name)
     ctx = StageContext(recipe=recipe, stage=name, stage_dir=stage_dir, upstream=plan.upstream)
+    lm_head.free_scratch()
     memory.release()  # what the previous stage freed goes back to the system, not into this stage's peak
     memory.reset_peak()
     start, resident = time.time(), memory.current_gb()

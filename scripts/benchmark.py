@@ -53,8 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # --quick's defaults finish in about 8 minutes on 2 AVX2 cores, where plain TRL's bf16 autocast is slow
     parser.add_argument("--rounds", type=int, default=1, help="--quick: interleaved repeats of each measurement")
     parser.add_argument("--sft-rows", type=int, default=6, help="--quick: conversations each SFT loop trains on")
-    parser.add_argument("--no-heap-reuse", action="store_true",
-                        help="--quick: the pipeline's loops with glibc's default allocator settings (for an A/B)")
     parser.add_argument("--plain-trl-loop", choices=["sft", "dpo"], help=argparse.SUPPRESS)
     parser.add_argument("--dpo-pairs", type=int, default=2, help="--quick: pairs each DPO loop trains on")
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"), help="--quick: settings")
@@ -524,9 +522,9 @@ def _in_fresh_process(args: argparse.Namespace, stage: str) -> tuple[float, int]
 
 
 def run_quick(args: argparse.Namespace) -> dict[str, Any]:
-    """Pipeline SFT/DPO loops vs plain TRL vs the bare model, ``args.rounds`` times interleaved. Plain TRL runs
-    in a fresh process each time (glibc's default allocator, as a user's own TRL script has it); the pipeline's
-    loops and the floor here, with the allocator setting the pipeline's runner makes."""
+    """Pipeline SFT/DPO loops vs plain TRL vs the bare model, ``args.rounds`` times interleaved. Plain TRL runs in
+    a fresh process each time (as a user's own TRL script would: nothing of this process's heap, caches or warm
+    kernels), after the same untimed warm-up batch the pipeline's loop gets from the floor."""
     from trl import DPOConfig, SFTConfig
 
     from pipeline import memory
@@ -539,7 +537,6 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
     recipe = _quick_settings(args)
     tokenizer = load_tokenizer(recipe.model)
     sft_rows, pairs = _quick_rows(recipe, tokenizer, args)
-    heap_reuse = not args.no_heap_reuse and memory.reuse_freed_memory()
 
     def fresh_model() -> Any:  # each trainer wraps and patches its model: never share one
         return load_base_model(recipe.model)
@@ -610,7 +607,6 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "dtype": str(resolve_dtype(recipe.model)).removeprefix("torch."),
         "model": args.model,
-        "heap_reuse": heap_reuse,  # pipeline.memory.reuse_freed_memory for the pipeline's loops and the floor
         "rows": {"sft_conversations": len(sft_rows), "dpo_pairs": len(pairs)},
         **info,
         "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},

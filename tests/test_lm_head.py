@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from conftest import build_tiny_model
 from peft import LoraConfig, get_peft_model
 
-from pipeline.lm_head import decoder_and_head, head_log_probs, labelled_log_probs
+from pipeline import lm_head
+from pipeline.lm_head import decoder_and_head, head_log_probs, labelled_log_probs, logits_log_probs
 
 
 class _Wrapper(torch.nn.Module):
@@ -107,3 +108,45 @@ def test_mean_logit_and_top1_equal_the_direct_computations_with_ties():
     torch.testing.assert_close(mean, logits.float().mean(-1))
     expected = logits.argmax(-1) == targets
     assert torch.equal(top1, expected) and expected.tolist()[:5] == [True, False, True, True, False]
+
+
+def _check_against_autograd(weight, count, chunk, generator):
+    hidden = torch.randn(count, weight.shape[1], generator=generator, requires_grad=True)
+    targets = torch.randint(0, weight.shape[0], (count,), generator=generator)
+    logps = F.log_softmax(F.linear(hidden, weight), dim=-1)
+    expected = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (grad,) = torch.autograd.grad(expected.sum(), hidden)
+    scored = head_log_probs(hidden, targets, weight, statistics=True, chunk=chunk)
+    scored["logp"].sum().backward()
+    torch.testing.assert_close(scored["logp"], expected.detach())
+    torch.testing.assert_close(hidden.grad, grad)
+    torch.testing.assert_close(scored["entropy"], -(logps.exp() * logps).sum(-1).detach())
+
+
+def test_the_heads_scratch_tensors_serve_every_call_until_freed():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=generator)
+    lm_head.free_scratch()
+    _check_against_autograd(weight, count=7, chunk=4, generator=generator)  # two chunks through 4-row tensors
+    (held,) = lm_head._SCRATCH.values()
+    assert [t.shape for t in held] == [(4, 50)] * 3
+    _check_against_autograd(weight, count=3, chunk=4, generator=generator)  # fewer rows: the same tensors
+    assert [t.data_ptr() for t in next(iter(lm_head._SCRATCH.values()))] == [t.data_ptr() for t in held]
+    _check_against_autograd(weight, count=9, chunk=16, generator=generator)  # more rows: replaced, one set held
+    assert [t.shape[0] for t in next(iter(lm_head._SCRATCH.values()))] == [9] * 3 and len(lm_head._SCRATCH) == 1
+    lm_head.free_scratch()
+    assert not lm_head._SCRATCH
+
+
+def test_chunked_head_under_autocast_to_another_dtype_computes_as_the_linear_layer_does():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=generator)  # float32 head, bf16 autocast: F.linear gives bf16 logits
+    hidden = torch.randn(7, 8, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (7,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = logits_log_probs(F.linear(hidden, weight), targets)["logp"]
+        (grad,) = torch.autograd.grad(expected.sum(), hidden)
+        scored = head_log_probs(hidden, targets, weight, chunk=3)["logp"]
+    scored.sum().backward()
+    torch.testing.assert_close(scored, expected.detach())
+    torch.testing.assert_close(hidden.grad, grad)

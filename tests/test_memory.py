@@ -45,32 +45,3 @@ def test_release_returns_freed_heap_memory_to_the_system():
     assert grown - start > 0.4
     assert rss_gb() - start < 0.1
     del survivors
-
-
-def test_large_blocks_reuse_freed_heap_memory_and_release_still_trims_it():
-    import resource
-
-    def faults_of_a_second_block(size: int = 64_000_000) -> int:  # 15,625 pages; above glibc's 32 MB mmap limit
-        del_me = _touch(size)
-        del del_me
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = _touch(size)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        del block
-        return faults
-
-    try:
-        assert memory.reuse_freed_memory()
-        assert faults_of_a_second_block() < 2_000  # the freed block's pages, still resident, serve the next one
-        memory.release()
-        start = memory.current_gb()
-        block = _touch(300_000_000)
-        del block
-        assert memory.current_gb() - start > 0.25  # kept for reuse ...
-        memory.release()
-        assert memory.current_gb() - start < 0.1  # ... until release() trims the heap
-        assert memory.reuse_freed_memory(False)
-        assert faults_of_a_second_block() > 10_000  # glibc's default: a fresh mmap, every page faulted in again
-    finally:
-        memory.reuse_freed_memory(False)
-        memory.release()
