@@ -117,6 +117,8 @@ def trained_token_rows(model: Any) -> TrainedTokenRows | None:
     if layer.disable_adapters or layer.merged or len(active) != 1 or not isinstance(layer.base_layer, torch.nn.Linear):
         return None
     name = active[0]
+    if len(set(layer.token_indices[name])) != len(layer.token_indices[name]):
+        return None  # a row listed twice: peft's index_copy keeps one of its values; the model's forward decides
     rows = torch.tensor(layer.token_indices[name], device=layer.base_layer.weight.device)
     return TrainedTokenRows(backbone=base.get_decoder(), weight=layer.base_layer.weight, rows=rows,
                             delta=layer.trainable_tokens_delta[name], embedding=_tied_embedding(base, layer, name))
@@ -201,8 +203,9 @@ class _ChunkedHeadLogProbs(torch.autograd.Function):
                 logits = torch.mm(hidden[part], weight.t(), out=logits_buffer[:rows_here])
             else:  # another dtype, or autocast to a third: F.linear decides it
                 logits = F.linear(hidden[part], weight)
-            if rows is not None:
-                logits.index_add_(-1, rows, F.linear(hidden[part], correction))
+            if rows is not None:  # the trained rows' columns only (distinct rows, as peft's index_copy needs)
+                # not index_add_: on bf16 it accumulates through a float32 copy of the whole chunk (torch 2.14, CPU)
+                logits[:, rows] = logits[:, rows] + F.linear(hidden[part], correction)
             # log_softmax(logits, dtype=float32) is this float32 copy and a log-softmax of it
             logps = torch.log_softmax(work[:rows_here].copy_(logits), dim=-1, out=logps_buffer[:rows_here])
             logp[part] = logps.gather(-1, target).squeeze(-1)

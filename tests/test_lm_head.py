@@ -83,6 +83,26 @@ def test_chunked_head_gives_autograds_values_and_gradients(chunk, trained_rows):
     assert torch.equal(scored["is_top1"], logps.argmax(-1) == targets)
 
 
+def test_trained_rows_in_bf16_get_the_same_logits_as_index_add_without_a_whole_chunk_copy():
+    # the trained rows' columns are corrected alone: index_add_ on a bf16 chunk accumulated through a float32 copy
+    # of all of it (128 MB a chunk on gemma-3-270m) to give these same values
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 16, generator=generator).to(torch.bfloat16)
+    hidden = torch.randn(9, 16, generator=generator).to(torch.bfloat16).requires_grad_()
+    rows = torch.tensor([5, 200, 7])
+    delta = torch.randn(3, 16, generator=generator, requires_grad=True)
+    targets = torch.tensor([5, 200, 7, 0, 1, 5, 299, 150, 7])
+    logits = F.linear(hidden, weight).index_add_(-1, rows, F.linear(hidden, delta.to(weight.dtype) - weight[rows]))
+    expected = F.log_softmax(logits, dim=-1, dtype=torch.float32).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    grads = torch.autograd.grad(expected.sum(), (hidden, delta))
+    scored = head_log_probs(hidden, targets, weight, rows, delta, chunk=4)["logp"]
+    scored.sum().backward()
+    assert torch.equal(scored, expected.detach())
+    torch.testing.assert_close(hidden.grad, grads[0])
+    # delta's gradient is summed in float32 here, in bf16 by autograd's linear: bf16 tolerance
+    torch.testing.assert_close(delta.grad, grads[1], rtol=1e-2, atol=1e-2)
+
+
 def test_chunked_head_skips_the_gradient_work_without_grad():
     weight, hidden, targets = torch.randn(30, 4), torch.randn(5, 4, requires_grad=True), torch.arange(5)
     with torch.no_grad():
