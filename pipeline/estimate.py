@@ -29,7 +29,7 @@ from pipeline.artifacts import atomic_write_json, fingerprint, library_versions
 from pipeline.gguf import default_cache_dir
 from pipeline.models import resolve_device, resolve_dtype
 
-CALIBRATION_VERSION = 4  # 2: the loss through the chunked LM head (pipeline/lm_head.py); 3: under autocast; 4: the head's scratch tensors
+CALIBRATION_VERSION = 5  # 2: the loss through the chunked LM head (pipeline/lm_head.py); 3: under autocast; 4: the head's scratch tensors; 5: the trained rows' columns alone
 _TOKENS = 256  # calibration sequence length
 _DECODE_STEPS = 16
 
