@@ -10,7 +10,7 @@ from conftest import build_tiny_model
 from peft import LoraConfig, get_peft_model
 
 from pipeline import lm_head
-from pipeline.lm_head import decoder_and_head, head_log_probs, labelled_log_probs, logits_log_probs
+from pipeline.lm_head import TrainedTokenRows, decoder_and_head, head_log_probs, labelled_log_probs, logits_log_probs
 
 
 class _Wrapper(torch.nn.Module):
@@ -101,6 +101,19 @@ def test_trained_rows_in_bf16_get_the_same_logits_as_index_add_without_a_whole_c
     torch.testing.assert_close(hidden.grad, grads[0])
     # delta's gradient is summed in float32 here, in bf16 by autograd's linear: bf16 tolerance
     torch.testing.assert_close(delta.grad, grads[1], rtol=1e-2, atol=1e-2)
+
+
+def test_a_trainable_heads_trained_rows_give_peft_values_and_gradients():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 8, generator=generator, requires_grad=True)
+    delta = torch.randn(2, 8, generator=generator, requires_grad=True)
+    hidden, rows = torch.randn(5, 8, generator=generator), torch.tensor([3, 30])
+    expected = F.linear(hidden, weight.index_copy(0, rows, delta))  # peft's W'
+    expected_grads = torch.autograd.grad(expected.square().sum(), (weight, delta))
+    logits = TrainedTokenRows(backbone=None, weight=weight, rows=rows, delta=delta).logits(hidden)
+    torch.testing.assert_close(logits, expected)
+    for got, want in zip(torch.autograd.grad(logits.square().sum(), (weight, delta)), expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_chunked_head_skips_the_gradient_work_without_grad():
