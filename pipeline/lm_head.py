@@ -258,7 +258,10 @@ def _statistics(logits: torch.Tensor, logps: torch.Tensor, probs: torch.Tensor, 
     log-prob as large is the first maximum; a row at the maximum whose log-prob ``argmax`` is another token (a tie,
     or two logits rounded to one float32 log-prob) gets ``logits.argmax`` itself.
     """
-    entropy = -torch.einsum("ij,ij->i", probs, logps)  # a dot product per row: no (positions x vocabulary) product
+    # a float32 dot product per row: no (positions x vocabulary) product tensor, and no autocast (einsum and bmm
+    # are on CPU autocast's bf16 list: under the trainer's autocast they cast both operands to fresh bf16 copies,
+    # 107 instead of 9 ms a chunk of 128 positions, 0.03 nats off; 2026-12-05, Zen 4)
+    entropy = -torch.stack([p.dot(q) for p, q in zip(probs, logps, strict=True)]) if len(probs) else probs.new_zeros(0)
     target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     mean = logps.mean(-1) + (target_logits.float() - logp)  # + the log-partition
     at_top = target_logits == logits.amax(-1)

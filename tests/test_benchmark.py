@@ -74,3 +74,27 @@ def test_eval_generation_bench_times_each_batch_setting_on_the_same_prompts(tmp_
     assert {line["new_tokens"] for line in lines} == {4 * 6}  # the tiny model never stops within 6 tokens
     assert lines[0]["same_answers_as_first"] is None
     assert [line["same_answers_as_first"] for line in lines[1:]] == [4, 4]  # batching does not change answers
+
+
+def test_stage_floors_time_the_bare_model_over_every_batch_of_a_runs_stages(tmp_path: Path, tiny_recipe) -> None:
+    import yaml
+
+    from pipeline.config import validate_recipe
+    from pipeline.runner import run_recipe
+
+    sft = {k: v for k, v in tiny_recipe["sft"].items() if k != "max_steps"}
+    raw = {**tiny_recipe, "sft": {**sft, "num_train_epochs": 2},
+           "dpo": {**tiny_recipe["dpo"], "max_steps": 3, "gradient_accumulation_steps": 2}}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    run_recipe(validate_recipe(raw), stage="prepare", log=lambda _: None)
+    out = tmp_path / "floors.json"
+    _benchmark().main(["--stage-floors", raw["output_dir"], "--model", raw["model"]["name_or_path"],
+                       "--recipe", str(recipe), "--json", str(out)])
+    result = json.loads(out.read_text())
+    per_epoch = result["sft_micro_batches"]["per_epoch"]
+    assert per_epoch > 0 and result["sft_micro_batches"]["trained"] == 2 * per_epoch  # two epochs
+    assert result["dpo_micro_batches"]["trained"] == 3 * 2  # max_steps x gradient_accumulation_steps
+    for key in ("sft_floor_s", "dpo_floor_s", "dpo_reference_floor_s"):
+        assert result[key] > 0, key
+    assert "sft_measured_s" not in result  # prepare only: no stage measured to compare with

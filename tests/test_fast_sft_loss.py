@@ -87,6 +87,35 @@ def test_under_bf16_mixed_precision_the_loss_runs_as_the_models_autocast_forward
     assert relative_difference(ours[1], theirs[1]) < 0.02  # measured 0.9 %: bf16 rounding in the head
 
 
+def test_under_autocast_peft_s_input_cast_is_skipped_with_the_same_loss_and_gradients_bit_for_bit(tmp_path):
+    # float32 adapters on bf16 weights: peft casts each LoRA input to float32 and autocast casts it back to bf16;
+    # mixed_precision skips that round trip, which must change nothing at all
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from pipeline.lm_head import labelled_nll
+
+    trainer = _build(tmp_path, "gemma3", dtype=torch.bfloat16)
+    model = trainer.accelerator.prepare_model(trainer.model)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    batch = next(iter(trainer.get_train_dataloader()))
+
+    def with_peft_cast():
+        with trainer.accelerator.autocast():
+            _, nll, count = labelled_nll(model, dict(batch))
+        return nll / count
+
+    cast_seen = []
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "lora_A")]
+    hook = layers[0].register_forward_pre_hook(lambda m, args: cast_seen.append(m.cast_input_dtype_enabled))
+    theirs = _loss_and_grads(model, with_peft_cast)
+    ours = _loss_and_grads(model, lambda: trainer.compute_loss(model, dict(batch)))
+    hook.remove()
+    assert cast_seen == [True, False]  # the switch was off inside our loss only ...
+    assert all(m.cast_input_dtype_enabled for m in layers)  # ... and is back on after it
+    assert torch.equal(ours[0], theirs[0])
+    assert ours[1].keys() == theirs[1].keys() and all(torch.equal(ours[1][n], g) for n, g in theirs[1].items())
+
+
 def test_the_trained_rows_save_an_adapter_stock_peft_loads_with_the_same_weights(trainer, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -143,6 +143,22 @@ def test_mean_logit_and_top1_equal_the_direct_computations_with_ties():
     assert torch.equal(top1, expected) and expected.tolist()[:5] == [True, False, True, True, False]
 
 
+def test_entropy_is_float32_under_the_trainers_bf16_autocast():
+    from pipeline.lm_head import _statistics
+
+    generator = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(5, 4096, generator=generator)).to(torch.bfloat16)
+    targets = torch.randint(0, 4096, (5,), generator=generator)
+    logps = F.log_softmax(logits, dim=-1, dtype=torch.float32)
+    logp = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    expected = -(logps.double().exp() * logps.double()).sum(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # einsum / bmm would run in bf16 here (errors of 1e-2)
+        entropy, _, _ = _statistics(logits, logps, logps.exp(), targets, logp)
+    assert entropy.dtype == torch.float32
+    torch.testing.assert_close(entropy.double(), expected, rtol=0, atol=1e-5)
+    assert _statistics(logits[:0], logps[:0], logps[:0].exp(), targets[:0], logp[:0])[0].shape == (0,)
+
+
 def _check_against_autograd(weight, count, chunk, generator):
     hidden = torch.randn(count, weight.shape[1], generator=generator, requires_grad=True)
     targets = torch.randint(0, weight.shape[0], (count,), generator=generator)

@@ -33,6 +33,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from pipeline.lm_head import labelled_log_probs
+from pipeline.stages.training import mixed_precision
 
 CHECKED_TRL = SpecifierSet(">=1.16,<1.17")  # the TRL versions whose DPO loss this file was proven against
 HANDLED_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "robust", "apo_zero", "apo_down", "sigmoid_norm", "sft"})
@@ -118,7 +119,7 @@ class LabelledPositionsDPOTrainer(DPOTrainer):
     def _scored(self, model: Any, inputs: dict[str, Any], statistics: bool = True) -> dict[str, torch.Tensor]:
         """:func:`_completion_logps` under the accelerator's autocast: TRL's path runs the model's own forward,
         which accelerate wraps in it for mixed precision (bf16 LoRA products on float32 adapters)."""
-        with self.accelerator.autocast():
+        with mixed_precision(self, model):
             return _completion_logps(model, inputs, statistics)
 
     def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> Any:

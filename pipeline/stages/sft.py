@@ -25,6 +25,7 @@ from pipeline.stages.context import StageContext
 from pipeline.stages.training import (
     StopOnNonFiniteLoss,
     check_save_cadence,
+    mixed_precision,
     save_stage_model,
     tensorboard_callbacks,
     train_with_resume,
@@ -46,7 +47,7 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         # the decoder runs under the accelerator's autocast, as the model's own (accelerate-wrapped) forward does
-        with self.accelerator.autocast():
+        with mixed_precision(self, model):
             outputs, nll, labelled = labelled_nll(model, inputs)
         loss = nll / (num_items_in_batch if num_items_in_batch is not None else labelled)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
