@@ -29,7 +29,7 @@ from pipeline.artifacts import atomic_write_json, fingerprint, library_versions
 from pipeline.gguf import default_cache_dir
 from pipeline.models import resolve_device, resolve_dtype
 
-CALIBRATION_VERSION = 5  # 2: the loss through the chunked LM head (pipeline/lm_head.py); 3: under autocast; 4: the head's scratch tensors; 5: the trained rows' columns alone
+CALIBRATION_VERSION = 6  # 2: the loss through the chunked LM head (pipeline/lm_head.py); 3: under autocast; 4: the head's scratch tensors; 5: the trained rows' columns alone; 6: no LoRA input casts under autocast
 _TOKENS = 256  # calibration sequence length
 _DECODE_STEPS = 16
 
@@ -93,6 +93,7 @@ def calibrate(recipe: Any) -> Speeds:
     from pipeline.inference import generate
     from pipeline.lm_head import labelled_nll
     from pipeline.models import configure_generation, load_base_model, load_tokenizer, lora_config, resolve_model_path
+    from pipeline.stages.training import without_lora_input_casts
 
     key = {"version": CALIBRATION_VERSION, "machine": machine(), "model": resolve_model_path(
         recipe.model["name_or_path"]), "dtype": str(resolve_dtype(recipe.model)), "lora": recipe.lora,
@@ -142,7 +143,7 @@ def calibrate(recipe: Any) -> Speeds:
         def run() -> None:  # the SFT stage's loss (stages/sft.py), without the trainer around it
             labels = torch.full_like(ids, -100)
             labels[0, keep + 1] = ids[0, keep + 1]  # position p predicts token p + 1
-            with mixed_precision:
+            with mixed_precision, without_lora_input_casts(peft_model, model.device.type):
                 _, nll, count = labelled_nll(peft_model, {"input_ids": ids, "labels": labels})
             (nll / count).backward()
             peft_model.zero_grad(set_to_none=True)

@@ -43,8 +43,16 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 @contextlib.contextmanager
 def mixed_precision(trainer: Any, model: Any) -> Iterator[None]:
-    """The trainer's autocast (accelerate's, as the model's own wrapped forward gets it), and, while autocast is
-    on, peft's cast of each LoRA layer's input to the adapter's dtype turned off.
+    """The trainer's autocast (accelerate's, as the model's own wrapped forward gets it), without peft's casts of
+    the LoRA inputs that autocast undoes (:func:`without_lora_input_casts`)."""
+    with trainer.accelerator.autocast(), without_lora_input_casts(model, trainer.accelerator.device.type):
+        yield
+
+
+@contextlib.contextmanager
+def without_lora_input_casts(model: Any, device_type: str) -> Iterator[None]:
+    """While autocast is on for ``device_type``, peft's cast of each LoRA layer's input to the adapter's dtype
+    turned off.
 
     With float32 adapters on bf16 weights peft casts every LoRA input to float32, which autocast's linear then
     casts straight back to bf16, forward and backward: the same bf16 product (bit for bit: tests/test_fast_sft_loss.py)
@@ -52,18 +60,17 @@ def mixed_precision(trainer: Any, model: Any) -> Iterator[None]:
     Zen 4). Without autocast the cast is what makes the dtypes meet, and stays. (``peft.helpers.
     disable_input_dtype_casting`` sets the same switch but fails on a model with trainable token rows, whose layer
     lacks it in peft 0.21: the LoRA layers' documented ``cast_input_dtype_enabled`` is set here directly.)"""
-    with trainer.accelerator.autocast():
-        layers = []
-        if torch.is_autocast_enabled(trainer.accelerator.device.type):
-            layers = [m for m in model.modules()
-                      if isinstance(m, LoraLayer) and getattr(m, "cast_input_dtype_enabled", True)]
-        try:
-            for layer in layers:
-                layer.cast_input_dtype_enabled = False
-            yield
-        finally:
-            for layer in layers:
-                layer.cast_input_dtype_enabled = True
+    layers = []
+    if torch.is_autocast_enabled(device_type):
+        layers = [m for m in model.modules()
+                  if isinstance(m, LoraLayer) and getattr(m, "cast_input_dtype_enabled", True)]
+    try:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = False
+        yield
+    finally:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = True
 
 
 def trainer_arguments(section: dict[str, Any], model_cfg: dict[str, Any], stage_dir: Path,
