@@ -171,3 +171,42 @@ def test_under_bf16_mixed_precision_the_loss_runs_as_trls_autocast_forward(tiny_
     # measured 5e-7 and 0.7 % (bf16 rounding in the head); the adapters in float32 instead: 2.4e-4 and 3.3 %
     torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=2e-5)
     assert relative_difference(ours[1], theirs[1]) < 0.015
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_a_padded_batch_runs_as_one_row_of_its_tokens_with_trls_loss_and_gradients(tmp_path, arch):
+    from conftest import build_tiny_model
+
+    from pipeline.stages.fast_loss import _packed
+
+    trainer = _build(build_tiny_model(tmp_path / "model", arch=arch), tmp_path / "out")
+    _use_losses(trainer, ["sigmoid", "sft"])
+    batch = next(iter(trainer.get_train_dataloader()))
+    attention = batch["attention_mask"].bool()
+    assert not attention.all()  # chosen and rejected differ in length: the rows carry padding
+    model_inputs, labelled = _packed(batch)
+    assert model_inputs["input_ids"].shape == (1, int(attention.sum()))  # exactly the real tokens, in one row
+    assert torch.equal(model_inputs["input_ids"][0], batch["input_ids"][attention])
+    assert int(labelled.sum()) == int(batch["completion_mask"][:, 1:].sum())
+    assert (model_inputs["position_ids"][0] == 0).sum() == len(attention)  # each row starts again at position 0
+    expected = _loss_grads_metrics(trainer, batch, lambda m, b: DPOTrainer.compute_loss(trainer, m, b))
+    ours = _loss_grads_metrics(trainer, batch, trainer.compute_loss)
+    assert trainer.loss_path == "labelled_positions"
+    torch.testing.assert_close(ours[0], expected[0], rtol=1e-5, atol=1e-6)
+    for name, grad in expected[1].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(ours[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rows_that_are_not_right_padded_prefixes_are_not_packed():
+    from pipeline.stages.fast_loss import _packed
+
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 8, 9]])
+    completion = torch.tensor([[0, 0, 1, 0], [0, 0, 1, 1]])
+    assert _packed({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+                    "completion_mask": completion}) is not None
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert _packed({"input_ids": ids, "attention_mask": left, "completion_mask": completion}) is None
+    one_row = {"input_ids": ids[1:], "attention_mask": torch.ones(1, 4, dtype=torch.long), "completion_mask": completion[1:]}
+    assert _packed(one_row) is None  # nothing to remove
+    assert _packed({"input_ids": ids, "completion_mask": completion}) is None  # no mask: keep the rows

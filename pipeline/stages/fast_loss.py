@@ -57,6 +57,34 @@ def unsupported_reason(args: Any, trl_version: str = trl.__version__) -> str | N
     return f"{', '.join(refused)} is not handled" if refused else None
 
 
+def _packed(inputs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+    """The batch's rows (chosen and rejected, right-padded to the longest) as one row of their tokens, positions
+    restarting at each row's start (how transformers keeps packed sequences apart, as SFT's padding-free packing
+    does), and the completion positions in that row; None when there is nothing to gain or the rows are not
+    plain right-padded prefixes.
+
+    TRL 1.16's preference collator pads every row to the batch's longest and its ``padding_free`` is switched off;
+    a pair's shorter answer then carries padding through the decoder (and every LoRA layer's small matmuls run once
+    per row). In one row the decoder sees exactly the real tokens, and each position the same earlier tokens."""
+    attention = inputs.get("attention_mask")
+    if attention is None or inputs["input_ids"].dim() != 2:
+        return None
+    attention = attention.bool()
+    lengths = attention.sum(dim=1)
+    positions = torch.arange(attention.shape[1], device=attention.device)
+    if not torch.equal(attention, positions < lengths.unsqueeze(1)):  # left padding or holes: keep the rows
+        return None
+    if attention.shape[0] == 1 and bool(attention.all()):
+        return None  # one unpadded row already
+    # position p predicts token p + 1, within its own row: the completion mask shifted left, in packed order
+    following = torch.zeros_like(attention)
+    following[:, :-1] = inputs["completion_mask"][:, 1:].bool()
+    labelled = following[attention][:-1].unsqueeze(0)
+    model_kwargs = {"input_ids": inputs["input_ids"][attention].unsqueeze(0),
+                    "position_ids": positions.expand_as(attention)[attention].unsqueeze(0)}
+    return model_kwargs, labelled
+
+
 def _completion_logps(model: Any, inputs: dict[str, Any], statistics: bool = True) -> dict[str, torch.Tensor]:
     """Per-token log-probs (and the logged statistics) of each row's completion, (rows x positions - 1).
 
@@ -66,7 +94,12 @@ def _completion_logps(model: Any, inputs: dict[str, Any], statistics: bool = Tru
     """
     mask = inputs["completion_mask"][:, 1:].bool()
     model_kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
-    _, scored = labelled_log_probs(model, model_kwargs, mask, inputs["input_ids"][:, 1:][mask], statistics)
+    packed = _packed(inputs)
+    if packed is not None:  # the same (row, position) pairs, in the same order, without the padding
+        model_kwargs, labelled = packed
+        _, scored = labelled_log_probs(model, model_kwargs, labelled, inputs["input_ids"][:, 1:][mask], statistics)
+    else:
+        _, scored = labelled_log_probs(model, model_kwargs, mask, inputs["input_ids"][:, 1:][mask], statistics)
 
     def spread(values: torch.Tensor) -> torch.Tensor:  # one value per labelled pair -> (rows x positions - 1)
         return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
