@@ -464,22 +464,30 @@ def bare_floor_seconds(model: Any, batches: list[dict[str, Any]], backward: bool
     bounds (floor ratios 0.38-0.96). The floor measures compute; the loop's ratio to it is what the trainer,
     the adapter and the optimizer add. ``backward=False`` (under ``torch.no_grad``): the forward alone."""
     from pipeline.lm_head import head_log_probs
+    from pipeline.stages.fast_loss import _packed
 
     model.requires_grad_(False)
     embed = model.get_input_embeddings()
     weight = model.get_output_embeddings().weight
-    started = time.perf_counter()
+    work = []  # (input ids, decoder inputs, labelled (row, position)s, their targets): built before the clock
     for batch in batches:
         if "labels" in batch:
-            targets = batch["labels"][:, 1:]
-        else:  # DPO: the completion tokens
-            targets = batch["input_ids"][:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, -100)
-        labelled = targets != -100
-        inputs = {k: v for k, v in batch.items() if k in ("attention_mask", "position_ids")}
-        embeds = embed(batch["input_ids"]).detach().requires_grad_(backward)
+            labelled = batch["labels"][:, 1:] != -100
+            ids, inputs = batch["input_ids"], {k: v for k, v in batch.items() if k in ("attention_mask", "position_ids")}
+        else:  # DPO: the completion tokens, the rows as one row of their real tokens as the pipeline runs them
+            packed = _packed(batch)
+            labelled = batch["completion_mask"][:, 1:].bool()
+            ids, inputs = batch["input_ids"], {"attention_mask": batch["attention_mask"]}
+            if packed is not None:
+                model_inputs, labelled = packed
+                ids, inputs = model_inputs["input_ids"], {"position_ids": model_inputs["position_ids"]}
+        work.append((ids, inputs, labelled, ids[:, 1:][labelled]))
+    started = time.perf_counter()
+    for ids, inputs, labelled, targets in work:
+        embeds = embed(ids).detach().requires_grad_(backward)
         hidden = model.get_decoder()(inputs_embeds=embeds, **inputs, use_cache=False).last_hidden_state
         # exactly the labelled (row, position)s
-        logp = head_log_probs(hidden[:, :-1][labelled], targets[labelled], weight)["logp"]
+        logp = head_log_probs(hidden[:, :-1][labelled], targets, weight)["logp"]
         if backward:
             (-logp.mean()).backward()
     return time.perf_counter() - started
