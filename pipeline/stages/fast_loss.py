@@ -94,12 +94,9 @@ def _completion_logps(model: Any, inputs: dict[str, Any], statistics: bool = Tru
     """
     mask = inputs["completion_mask"][:, 1:].bool()
     model_kwargs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
-    packed = _packed(inputs)
-    if packed is not None:  # the same (row, position) pairs, in the same order, without the padding
-        model_kwargs, labelled = packed
-        _, scored = labelled_log_probs(model, model_kwargs, labelled, inputs["input_ids"][:, 1:][mask], statistics)
-    else:
-        _, scored = labelled_log_probs(model, model_kwargs, mask, inputs["input_ids"][:, 1:][mask], statistics)
+    # packed: the same (row, position) pairs, in the same order, without the padding
+    model_kwargs, labelled = _packed(inputs) or (model_kwargs, mask)
+    _, scored = labelled_log_probs(model, model_kwargs, labelled, inputs["input_ids"][:, 1:][mask], statistics)
 
     def spread(values: torch.Tensor) -> torch.Tensor:  # one value per labelled pair -> (rows x positions - 1)
         return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
