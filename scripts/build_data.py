@@ -16,7 +16,10 @@ Where it sits: offline, before any recipe runs. Inputs are the hand-written trai
                               one ``seen`` (trained types, trained phrasings) and one ``unseen_phrasing`` (trained
                               types, phrasings no training row uses) or ``unseen_type`` (a type no training row
                               asks for), in the ``split`` field;
-- ``eval_preferences.jsonl``  the same kinds of pairs, built only from held-out prompts.
+- ``eval_preferences.jsonl``  the same kinds of pairs, built only from held-out prompts;
+- ``sft_broad.jsonl``, ``preferences_broad.jsonl``  SFT rows and constraint pairs of the training-only types
+                              (``pipeline.data.constraints.TRAINING_ONLY``: not IFEval's, never evaluated); not
+                              in the quickstart (measured: docs/experiments.md).
 
 Usage::
 
@@ -48,6 +51,7 @@ if str(REPO) not in sys.path:  # let `python scripts/build_data.py` work without
 
 from pipeline.data.constraints import (  # noqa: E402
     CONSTRAINTS,
+    TRAINING_ONLY,
     apply_all,
     can_rewrite,
     check,
@@ -72,6 +76,10 @@ TYPES = sorted(t for t in CONSTRAINTS if t not in HELD_OUT_TYPES)  # the types t
 # Where an instruction goes: after the request on the same line, after it in a new paragraph, or before it.
 POSITIONS = ("end", "end_paragraph", "start")
 N_SFT, N_CONSTRAINT_PAIRS, N_EVAL_CONSTRAINT_PAIRS = 1000, 300, 30
+# Training-only types (not IFEval's, never evaluated: pipeline/data/constraints.py TRAINING_ONLY): SFT rows and
+# preference pairs in files of their own, so that a recipe adds them or not.
+BROAD_TYPES = sorted(TRAINING_ONLY)
+N_BROAD_SFT, N_BROAD_PAIRS = 250, 25
 # "Stops vs loops" pairs: a constrained prompt, its compliant answer, and that answer collapsing into a loop.
 N_LOOP_PAIRS = 75
 # Quality pairs per kind: (training, held-out).
@@ -194,7 +202,7 @@ def phrasing_indices(instruction_id: str, kwargs: dict, phrasings: str) -> list[
     """Indices of the templates a row may use: ``"train"`` (all but the held-out last ones; every template of a
     held-out type is unseen anyway), ``"heldout"`` (only the held-out ones) or ``"any"``."""
     n = len(phrasing_templates(instruction_id, kwargs))
-    if phrasings == "any" or instruction_id in HELD_OUT_TYPES:
+    if phrasings == "any" or instruction_id in HELD_OUT_TYPES or instruction_id in TRAINING_ONLY:
         return list(range(n))
     return list(range(n - HELD_OUT_PHRASINGS)) if phrasings == "train" else list(range(n - HELD_OUT_PHRASINGS, n))
 
@@ -281,13 +289,13 @@ def constrained_stream(pool: Sequence[Example], n: int, rng: random.Random, prim
                 break
 
 
-def round_robin(n_types: int = len(TYPES)) -> Callable[[Counter], list[str]]:
+def round_robin(types: Sequence[str] = TYPES) -> Callable[[Counter], list[str]]:
     """Primaries in turn, so each type leads the same number of examples."""
     state = {"i": 0}
 
     def next_primaries(_counts: Counter) -> list[str]:
         state["i"] += 1
-        return [TYPES[(state["i"] - 1) % n_types]]
+        return [types[(state["i"] - 1) % len(types)]]
     return next_primaries
 
 
@@ -304,12 +312,13 @@ def assistant(content: str) -> list[dict]:
     return [{"role": "assistant", "content": content}]
 
 
-def build_sft(training: Sequence[Example], rng: random.Random) -> list[dict]:
+def build_sft(training: Sequence[Example], rng: random.Random, n: int = N_SFT, types: Sequence[str] = TYPES,
+              tag: str = "sft") -> list[dict]:
     """Single-turn SFT examples, each type leading an equal share, in ``{"id", "messages"}`` format."""
     pool = [ex for ex in training if ex.single_turn]
     rng.shuffle(pool)
-    return [{"id": f"{ex.id}/sft{i:03d}", "messages": user(c.prompt) + assistant(c.response)}
-            for i, (ex, c, _) in enumerate(constrained_stream(pool, N_SFT, rng, round_robin()))]
+    return [{"id": f"{ex.id}/{tag}{i:03d}", "messages": user(c.prompt) + assistant(c.response)}
+            for i, (ex, c, _) in enumerate(constrained_stream(pool, n, rng, round_robin(types)))]
 
 
 def constrained_pair(row_id: str, kind: str, c: Constrained, rejected: str) -> dict:
@@ -591,8 +600,13 @@ def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
     preferences += loop_pairs(loop_pool, N_LOOP_PAIRS, loop_rng, "pref")
     # Mixed order, so that a recipe's `limit: N` on this file takes every kind of pair, not the first kind.
     stream("preferences-order").shuffle(preferences)
+    broad_pool = list(single)
+    stream("broad_pool").shuffle(broad_pool)
     return {
         "sft_constraints.jsonl": build_sft(training, stream("sft")),
+        "sft_broad.jsonl": build_sft(training, stream("sft_broad"), N_BROAD_SFT, BROAD_TYPES, "broad"),
+        "preferences_broad.jsonl": constraint_pairs(broad_pool, N_BROAD_PAIRS, stream("preferences_broad"),
+                                                    round_robin(BROAD_TYPES), "broadpref"),
         "preferences.jsonl": preferences,
         "preferences_quickstart.jsonl": quickstart_mix(preferences, seed),
         "eval_prompts.jsonl": build_eval_prompts(heldout, stream("eval_prompts")),

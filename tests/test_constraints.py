@@ -15,7 +15,7 @@ import pytest
 from pipeline.data import constraints as C
 from pipeline.errors import PipelineError
 
-REGISTRY = sorted(C.CONSTRAINTS)
+REGISTRY = sorted(C.CONSTRAINTS) + sorted(C.TRAINING_ONLY)  # IFEval types, then the training-only ones
 
 # Per type: kwargs, responses that pass and fail the strict check, and a response that fails strictly
 # but passes loosely (None where no loose variant can rescue a response, e.g. too few highlights).
@@ -174,6 +174,37 @@ CASES: dict[str, dict] = {
         "pass": ["Dear [name], see you on [date].", "Meet at [place] [time]."],
         "fail": ["Dear [name], see you soon.", "Dear [], see you on (date)."],
         "loose": None,
+    },
+    "training_only:start_phrase": {
+        "kwargs": {"phrase": "In short:"},
+        "pass": ["In short: it rains.", "  In short:\n\nIt rains."],
+        "fail": ["It rains. In short:", "in short: it rains.", "In short it rains."],
+        "loose": "Sure.\nIn short: it rains.",
+    },
+    "training_only:include_sentence": {
+        "kwargs": {"sentence": "Keep this in mind."},
+        "pass": ["It rains. Keep this in mind. Take a coat.", "Keep this in mind."],
+        "fail": ["It rains. Keep in mind. Take a coat.", "It rains. keep this in mind. Take a coat."],
+        "loose": None,
+    },
+    "training_only:answer_tags": {
+        "kwargs": {"tag": "answer"},
+        "pass": ["<answer>It rains.</answer>", "<answer>\nIt rains.\n</answer>\n"],
+        "fail": ["[answer]It rains.[/answer]", "<answer>It rains.", "Sure: <answer>It rains.</answer>",
+                 "<reply>It rains.</reply>"],
+        "loose": "Here you go:\n<answer>It rains.</answer>",
+    },
+    "training_only:exclamation_count": {
+        "kwargs": {"num_exclamations": 1},
+        "pass": ["It rains! Take a coat.", "It rains. Take a coat!"],
+        "fail": ["It rains. Take a coat.", "It rains! Take a coat!"],
+        "loose": "Wow!\nIt rains! Take a coat.",
+    },
+    "training_only:closing_question": {
+        "kwargs": {},
+        "pass": ["It rains. Does that help?", "It rains.\n\nShall I say more?  "],
+        "fail": ["Does that help? It rains.", "It rains."],
+        "loose": "It rains. Does that help?\nThanks.",
     },
 }
 
@@ -388,6 +419,12 @@ def test_every_compatible_pair_can_be_satisfied_together():
         if not ok:
             unsatisfied.append((a, b))
     assert unsatisfied == [], "declare these pairs in _CONFLICT_LIST or make apply() compose"
+
+
+def test_training_only_types_are_asked_alone_and_never_in_the_ifeval_registry():
+    for extra in C.TRAINING_ONLY:
+        assert extra not in C.CONSTRAINTS and C.compatible([extra])
+        assert not any(C.compatible([extra, other]) for other in REGISTRY if other != extra)
 
 
 def test_apply_all_with_miss_breaks_only_the_named_constraint():

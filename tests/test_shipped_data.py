@@ -21,7 +21,7 @@ from pipeline.errors import DataError
 DATA = Path(__file__).resolve().parents[1] / "data"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_data.py"
 DERIVED = ["sft_constraints.jsonl", "preferences.jsonl", "preferences_quickstart.jsonl", "eval_prompts.jsonl",
-           "eval_preferences.jsonl"]
+           "eval_preferences.jsonl", "sft_broad.jsonl", "preferences_broad.jsonl"]
 
 
 def read(name: str) -> list[dict]:
@@ -60,6 +60,21 @@ def test_sft_constraints_are_single_turn_messages_with_appended_instructions(fil
         base = last_user(instructions[source_of(row["id"])]["messages"])
         prompt = row["messages"][0]["content"]
         assert base in prompt and len(prompt) > len(base) + 10  # instructions go before or after the request
+
+
+def test_broad_files_ask_only_for_training_only_types_each_leading_an_equal_share(files, build_data):
+    sft, pairs = files["sft_broad.jsonl"], files["preferences_broad.jsonl"]
+    assert (len(sft), len(pairs)) == (build_data.N_BROAD_SFT, build_data.N_BROAD_PAIRS)
+    for rows, size in ((sft, build_data.N_BROAD_SFT), (pairs, build_data.N_BROAD_PAIRS)):
+        share = size // len(C.TRAINING_ONLY)
+        leads = Counter(next(t for t in C.TRAINING_ONLY if any(template_pattern(x).search(text_of(r))
+                                                                for _, _, x in C.all_templates(t))) for r in rows)
+        assert leads == {t: share for t in C.TRAINING_ONLY}, leads
+    assert all(r["instruction_id_list"][0] in C.TRAINING_ONLY and len(r["instruction_id_list"]) == 1 for r in pairs)
+
+
+def text_of(row: dict) -> str:
+    return row["messages"][0]["content"] if "messages" in row else row["prompt"][-1]["content"]
 
 
 @pytest.mark.parametrize("name, constraint_pairs, loop_pairs, quality_pairs", [
@@ -104,12 +119,12 @@ def test_no_row_is_duplicated(files, name):
     assert len(set(bodies)) == len(bodies)
 
 
-@pytest.mark.parametrize("name", ["preferences.jsonl", "eval_preferences.jsonl"])
+@pytest.mark.parametrize("name", ["preferences.jsonl", "eval_preferences.jsonl", "preferences_broad.jsonl"])
 def test_every_preference_pair_has_chosen_different_from_rejected(files, name):
     assert all(r["chosen"][0]["content"] != r["rejected"][0]["content"] for r in files[name])
 
 
-@pytest.mark.parametrize("name", ["preferences.jsonl", "eval_preferences.jsonl"])
+@pytest.mark.parametrize("name", ["preferences.jsonl", "eval_preferences.jsonl", "preferences_broad.jsonl"])
 def test_constraint_pairs_chosen_passes_every_check_and_rejected_fails_one(files, name):
     for row in (r for r in files[name] if r["kind"] == "constraint"):
         ids, kwargs, prompt = row["instruction_id_list"], row["kwargs"], row["prompt"][-1]["content"]
@@ -255,8 +270,9 @@ def held_out_patterns(build_data) -> list[tuple[str, str, re.Pattern[str]]]:
 
 def training_user_texts(files) -> list[str]:
     texts = [m["content"] for row in files["instructions.jsonl"] for m in row["messages"] if m["role"] == "user"]
-    texts += [m["content"] for row in files["sft_constraints.jsonl"] for m in row["messages"] if m["role"] == "user"]
-    for name in ("preferences.jsonl", "preferences_quickstart.jsonl"):
+    for name in ("sft_constraints.jsonl", "sft_broad.jsonl"):
+        texts += [m["content"] for row in files[name] for m in row["messages"] if m["role"] == "user"]
+    for name in ("preferences.jsonl", "preferences_quickstart.jsonl", "preferences_broad.jsonl"):
         texts += [m["content"] for row in files[name] for m in row["prompt"] if m["role"] == "user"]
     return texts
 
@@ -271,7 +287,7 @@ def test_held_out_phrasing_patterns_catch_a_rendered_held_out_instruction(build_
 
 
 def test_no_training_row_uses_a_held_out_type_or_phrasing(files, build_data):
-    for name in ("preferences.jsonl", "preferences_quickstart.jsonl"):
+    for name in ("preferences.jsonl", "preferences_quickstart.jsonl", "preferences_broad.jsonl"):
         used = {t for row in files[name] for t in row["instruction_id_list"]}
         assert not used & set(build_data.HELD_OUT_TYPES), name
     patterns = held_out_patterns(build_data)

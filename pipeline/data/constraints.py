@@ -12,6 +12,7 @@ Per type: ``describe`` (the instruction text, a few phrasings), ``check`` (stric
 reference answer comply), ``sample_kwargs`` (parameters that make sense for an answer) and ``near_miss``
 (a plausible response that just fails, for rejected preference answers). Pairs that cannot both hold
 (lowercase + capitals, JSON + bullets, ...) are declared in ``_CONFLICTS``; see :func:`compatible`.
+:data:`TRAINING_ONLY` holds a few types that are not IFEval's, for training data only (asked alone).
 """
 
 from __future__ import annotations
@@ -1041,6 +1042,118 @@ PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
         "I would like two alternative replies; use ****** as the only separator between them.",
         "Offer a pair of different answers divided by six asterisks, like this: ******.")},
 }
+
+# ---- training-only types ---------------------------------------------------------------------------
+# Not IFEval types and never evaluated: broader instruction data for training (measured: docs/experiments.md). Each asks for a skill
+# the held-out types also need (copy quoted text verbatim, keep exact delimiters, count a character), with its own
+# check, so that no held-out type is trained under another name. Asked alone (see :func:`compatible`); every
+# phrasing is a training phrasing.
+
+_OPENINGS = ("Here is my answer:", "Good question, and here is why.", "In short:", "Let me explain.",
+             "Here is what I know:", "The short answer follows.", "Thanks for asking.", "Happy to help with this.")
+_INSERTS = ("This is worth remembering.", "There is more to it than that.", "Details can vary a little.",
+            "That is the key point.", "Keep this in mind.", "It helps to go step by step.")
+_TAGS = ("answer", "reply", "response", "final")
+_CLOSING_QUESTIONS = ("Does that help?", "Would you like more detail?", "Is there anything else you want to know?",
+                      "Shall I give an example?", "Does that answer your question?")
+
+
+def _start_phrase_apply(answer: str, kw: Kwargs, _prompt: str | None) -> str:
+    return kw["phrase"] + ("\n\n" if "\n" in answer.strip() else " ") + answer.lstrip()
+
+
+def _include_sentence_apply(answer: str, kw: Kwargs, _prompt: str | None) -> str:
+    """The sentence after the answer's first sentence (or first paragraph, for answers with lines)."""
+    text = answer.strip()
+    if "\n" in text:
+        first, _, rest = text.partition("\n\n")
+        return f"{first}\n\n{kw['sentence']}" + (f"\n\n{rest}" if rest else "")
+    spans = sentence_spans(text)
+    cut = spans[0][1] if spans else len(text)
+    return f"{text[:cut]} {kw['sentence']} {text[cut:].lstrip()}".rstrip()
+
+
+def _include_sentence_miss(answer: str, kw: Kwargs) -> str:
+    words = kw["sentence"].split()
+    return _include_sentence_apply(answer, {"sentence": " ".join(words[:1] + words[2:])}, None)  # a word left out
+
+
+def _tags_check(response: str, kw: Kwargs) -> bool:
+    tag = re.escape(kw["tag"])
+    return re.fullmatch(rf"\s*<{tag}>.*</{tag}>\s*", response, flags=re.DOTALL) is not None
+
+
+def _tags_apply(answer: str, kw: Kwargs, _prompt: str | None) -> str:
+    sep = "\n" if "\n" in answer.strip() else ""
+    return f"<{kw['tag']}>{sep}{answer.strip()}{sep}</{kw['tag']}>"
+
+
+_PERIOD_END = re.compile(r"\.(?=\s|$)")
+
+
+def _exclaim(answer: str, n: int) -> str:
+    """``answer`` with its last ``n`` sentence-ending full stops turned into exclamation marks."""
+    ends = [m.start() for m in _PERIOD_END.finditer(answer)][-n:] if n else []
+    chars = list(answer)
+    for i in ends:
+        chars[i] = "!"
+    return "".join(chars)
+
+
+def _exclamations_sample(answer: str, rng: random.Random, _prompt: str | None) -> Kwargs:
+    return {"num_exclamations": rng.randint(1, min(3, len(_PERIOD_END.findall(answer)) - 1))}
+
+
+def _exclamations_miss(answer: str, kw: Kwargs) -> str:
+    return _exclaim(answer, kw["num_exclamations"] + 1)
+
+
+TRAINING_ONLY: dict[str, Constraint] = {c.instruction_id: c for c in [
+    _C("training_only:start_phrase", lambda r, kw: r.lstrip().startswith(kw["phrase"]), _start_phrase_apply,
+       lambda a, rng, p: {"phrase": rng.choice(_OPENINGS)},
+       lambda a, kw: a.rstrip() + " " + kw["phrase"], stage=6),  # the phrase, but at the end
+    _C("training_only:include_sentence", lambda r, kw: kw["sentence"] in r, _include_sentence_apply,
+       lambda a, rng, p: {"sentence": rng.choice(_INSERTS)}, _include_sentence_miss, stage=3,
+       applicable=lambda a: count_sentences(a) >= 2),
+    _C("training_only:answer_tags", _tags_check, _tags_apply, lambda a, rng, p: {"tag": rng.choice(_TAGS)},
+       lambda a, kw: f"[{kw['tag']}]{a.strip()}[/{kw['tag']}]", stage=7),  # the wrong brackets
+    _C("training_only:exclamation_count", lambda r, kw: r.count("!") == kw["num_exclamations"],
+       lambda a, kw, p: _exclaim(a, kw["num_exclamations"]), _exclamations_sample, _exclamations_miss, stage=2,
+       applicable=lambda a: "!" not in a and len(_PERIOD_END.findall(a)) >= 3),
+    _C("training_only:closing_question", lambda r, kw: r.rstrip().endswith("?"),
+       lambda a, kw, p: _join_paragraphs(a, _stable_pick(_CLOSING_QUESTIONS, a)), _noargs,
+       lambda a, kw: _join_paragraphs(a, _stable_pick(_CLOSING_QUESTIONS, a) + " Let me know."), stage=6,
+       applicable=lambda a: not a.rstrip().endswith("?")),
+]}
+PHRASINGS.update({
+    "training_only:start_phrase": {"": (
+        'Begin your answer with the exact words "{phrase}"', 'Start your reply with "{phrase}" and then answer.',
+        'Your response must open with the phrase "{phrase}"', "The first words of your answer should be: {phrase}",
+        'Make "{phrase}" the very beginning of your response.', 'Open with "{phrase}", word for word.')},
+    "training_only:include_sentence": {"": (
+        'Include the sentence "{sentence}" somewhere in your answer.',
+        "Somewhere in your reply, write this exact sentence: {sentence}",
+        'Use the sentence "{sentence}" word for word in your response.',
+        'Work the line "{sentence}" into your answer, unchanged.', 'Your answer must contain the sentence "{sentence}"',
+        'Somewhere in the middle of the answer, add "{sentence}" exactly as written.')},
+    "training_only:answer_tags": {"": (
+        "Wrap your whole answer in <{tag}> and </{tag}> tags.", "Put the answer between <{tag}> and </{tag}>.",
+        "Enclose your response in the tags <{tag}>...</{tag}>.",
+        "Format: <{tag}>your answer</{tag}>, with nothing outside the tags.",
+        "Your entire reply goes inside <{tag}></{tag}>.", "Start with <{tag}>, end with </{tag}>, answer in between.")},
+    "training_only:exclamation_count": {"": (
+        "Use exactly {num_exclamations} exclamation mark(s) in your answer.",
+        'Your reply must contain {num_exclamations} "!" character(s), no more and no fewer.',
+        "Put precisely {num_exclamations} exclamation point(s) in your response.",
+        "Include exactly {num_exclamations} exclamation mark(s).",
+        "The answer should have {num_exclamations} exclamation mark(s) in total.",
+        "Count your exclamation marks: there must be exactly {num_exclamations}.")},
+    "training_only:closing_question": {"": (
+        "End your answer with a question to the reader.", "Finish your reply by asking me a question.",
+        "The last sentence of your response must be a question.", "Close with a question mark: ask me something.",
+        "Make the final line of your answer a question.", "Answer, then end on a question of your own.")},
+})
+
 # The kwarg that picks a type's list of phrasings (types without one have a single list, keyed "").
 _VARIANT_KEY = {"length_constraints:number_words": "relation", "length_constraints:number_sentences": "relation",
                 "keywords:frequency": "relation", "keywords:letter_frequency": "let_relation",
@@ -1137,7 +1250,7 @@ _CONFLICTS = {frozenset(pair) for pair in _CONFLICT_LIST}
 def compatible(instruction_ids: Sequence[str]) -> bool:
     """True if the constraints can all be asked for in one prompt (no duplicates, no declared conflict)."""
     ids = list(instruction_ids)
-    if len(set(ids)) != len(ids):
+    if len(set(ids)) != len(ids) or (len(ids) > 1 and any(i in TRAINING_ONLY for i in ids)):
         return False
     return not any(frozenset((a, b)) in _CONFLICTS for i, a in enumerate(ids) for b in ids[i + 1:])
 
@@ -1150,7 +1263,7 @@ def compatible(instruction_ids: Sequence[str]) -> bool:
 def get_constraint(instruction_id: str) -> Constraint:
     """The registered constraint type, or a PipelineError listing the supported ids."""
     try:
-        return CONSTRAINTS[instruction_id]
+        return CONSTRAINTS[instruction_id] if instruction_id in CONSTRAINTS else TRAINING_ONLY[instruction_id]
     except KeyError:
         raise PipelineError(
             f"Unknown instruction id {instruction_id!r}. Supported ids: {', '.join(sorted(CONSTRAINTS))}. "
