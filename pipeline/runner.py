@@ -274,6 +274,7 @@ def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None 
     outcomes: list[StageOutcome] = []
     hashed: set[str] = set()  # stages whose files were hashed in this run (checked, or written by it)
     announced = False
+    estimated: dict[str, estimate.StageEstimate] = {}  # stages estimated to run in full: compared with their time
     with contextlib.ExitStack() as held:
         roles.decide(lambda: held.enter_context(run_lock(recipe.output_dir)))  # a busy directory stops all
         for name in enabled:
@@ -286,7 +287,7 @@ def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None 
                 roles.alone = True
             if name != "prepare" and not announced and roles.is_main:
                 announced = True  # prepare's output exists from here on: count the work, say how long it takes
-                _announce_estimate(recipe, stage, from_stage, force, log)
+                estimated = _announce_estimate(recipe, stage, from_stage, force, log)
             plan = roles.decide(lambda name=name: _plan_stage(recipe, name, selected, force, from_stage, log,
                                                               verify, hashed))
             if isinstance(plan, StageOutcome) or plan is None:
@@ -294,6 +295,8 @@ def run_recipe(recipe: Recipe, stage: str | None = None, from_stage: str | None 
                 continue
             outcomes.append(_run_one(recipe, plan, roles, log))
             hashed.add(name)
+            if roles.is_main and name in estimated and outcomes[-1].action == "ran":
+                estimate.observe(recipe, name, estimated[name].compute_seconds, outcomes[-1].wall_time_s)
     roles.end()
     return outcomes
 
@@ -303,23 +306,26 @@ def _quiet(_: str) -> None:
 
 
 def _announce_estimate(recipe: Recipe, stage: str | None, from_stage: str | None, force: bool,
-                       log: Callable[[str], None]) -> None:
-    """Print how long the model stages about to run will take here (``pipeline.estimate``); never stops a run."""
+                       log: Callable[[str], None]) -> dict[str, estimate.StageEstimate]:
+    """Print how long the model stages about to run will take here (``pipeline.estimate``); never stops a run.
+
+    Returns the estimates of the stages that run in full (not resumed), for ``estimate.observe`` to compare."""
     if not estimate.enabled() or not (recipe.stage_dir("prepare") / MANIFEST).is_file():
-        return
+        return {}
     plans = {p.stage: p for p in plan_recipe(recipe, stage, from_stage, force)}
     running = [s for s in ("sft", "dpo", "eval") if s in plans and plans[s].action in ("run", "re-run", "resume")]
     if not running:
-        return
+        return {}
     try:
         estimates = estimate.estimate(recipe, running, recipe.stage_dir("prepare"))
     except Exception as error:  # noqa: BLE001 - an estimate is a courtesy: say why there is none and go on
         log(f"(no time estimate: {type(error).__name__}: {error})")
-        return
+        return {}
     for item in estimates:
         if plans[item.stage].action == "resume":
             item.detail += f"; resumes {plans[item.stage].reason}, so less"
     log(estimate.describe(estimates))
+    return {item.stage: item for item in estimates if plans[item.stage].action != "resume"}
 
 
 @dataclasses.dataclass

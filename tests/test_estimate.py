@@ -74,6 +74,40 @@ def test_the_work_counted_follows_the_recipe(tiny_recipe, estimating):
     assert four.seconds == pytest.approx(tokens * 4 / math.ceil(rows / 2))  # 4 steps of 2 rows, one second a token
 
 
+def test_a_stage_that_ran_scales_the_next_estimate_by_its_measured_ratio(tiny_recipe, estimating):
+    outcomes, lines = _run(tiny_recipe)
+    assert outcomes == {"prepare": "ran", "sft": "ran", "dpo": "ran"}
+    assert "times the last run's measured ratio" not in next(x for x in lines if x.startswith("Estimated time"))
+    recipe = validate_recipe(tiny_recipe)
+    ratios = estimate.corrections(recipe)
+    assert set(ratios) == {"sft", "dpo"} and all(r > 0 for r in ratios.values())
+    # the next run of a changed DPO stage is told DPO's measured ratio; its own time then replaces it
+    _, lines = _run(tiny_recipe, "dpo.learning_rate=5e-3")
+    text = next(x for x in lines if x.startswith("Estimated time"))
+    assert f"x{ratios['dpo']:.2f}, as measured in the last run here" in text
+    assert "times the last run's measured ratio" in text
+    assert estimate.corrections(recipe)["sft"] == ratios["sft"]  # SFT did not run again: its ratio is kept
+
+
+def test_measured_ratios_scale_only_their_stage_and_a_broken_record_is_ignored(tiny_recipe, estimating):
+    recipe = validate_recipe(tiny_recipe)
+    _run(tiny_recipe)
+    prepared = recipe.stage_dir("prepare")
+    speeds = estimate.Speeds(train_token=1.0, train_position=0.0, score_token=1.0, score_position=0.0,
+                             decode_step=0.0, load=0.0)
+    plain = {e.stage: e for e in estimate.estimate_with(recipe, ["sft", "dpo"], prepared, speeds)}
+    scaled = {e.stage: e for e in estimate.estimate_with(recipe, ["sft", "dpo"], prepared, speeds, {"dpo": 1.5})}
+    assert scaled["sft"].seconds == plain["sft"].seconds == scaled["sft"].compute_seconds
+    assert scaled["dpo"].seconds == pytest.approx(1.5 * plain["dpo"].seconds)
+    assert scaled["dpo"].compute_seconds == plain["dpo"].seconds
+    before = estimate.corrections(recipe)
+    assert set(before) == {"sft", "dpo"}
+    estimate.observe(recipe, "sft", 0.0, 5.0)  # no estimate to compare with: nothing recorded
+    assert estimate.corrections(recipe) == before
+    next(estimating.glob("observed/*.json")).write_text("not json")
+    assert estimate.corrections(recipe) == {}
+
+
 def test_a_failing_estimate_says_why_and_the_run_goes_on(tiny_recipe, estimating, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no calibration here")
