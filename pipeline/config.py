@@ -301,6 +301,17 @@ def _validate_sources(kind: str, sources: Any) -> list[dict[str, Any]]:
     return result
 
 
+def _check_save_cadence(section: str, values: dict[str, Any]) -> None:
+    """NaN detection is only safe when every save step is also a logging step (stages/training.py
+    StopOnNonFiniteLoss checks the logged loss): refuse a recipe where they drift apart, before anything loads."""
+    save, log = values.get("save_steps"), values.get("logging_steps")
+    if isinstance(save, int) and isinstance(log, int) and save >= 1 and log >= 1 and save % log:
+        raise PipelineError(
+            f"{section}.save_steps ({save}) must be a multiple of {section}.logging_steps ({log}) so that a NaN loss "
+            "is caught before a checkpoint of broken weights is written."
+        )
+
+
 def validate_recipe(raw: dict[str, Any], source: Path | None = None) -> Recipe:
     """Check a raw recipe dict and return a :class:`Recipe` with defaults filled in."""
     from peft import LoraConfig
@@ -341,6 +352,9 @@ def validate_recipe(raw: dict[str, Any], source: Path | None = None) -> Recipe:
             raise PipelineError("The recipe has a 'dpo' section but no 'sft' section: DPO starts from SFT.")
         if not data["dpo"]:
             raise PipelineError("The recipe has a 'dpo' section but data.dpo lists no preference data.")
+    for section, values in (("sft", sft), ("dpo", dpo)):
+        if values is not None:
+            _check_save_cadence(section, values)
     if sft is not None and not data["sft"]:
         raise PipelineError("The recipe has an 'sft' section but data.sft lists no data.")
     if "eval" in raw:

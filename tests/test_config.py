@@ -49,6 +49,15 @@ def test_wrong_type_is_an_error(tiny_recipe):
         validate_recipe(tiny_recipe)
 
 
+@pytest.mark.parametrize("section", ["sft", "dpo"])
+def test_save_steps_off_the_logging_cadence_is_refused_before_anything_loads(tiny_recipe, section):
+    # the NaN-loss guard reads the logged loss: a save between two logs could checkpoint broken weights
+    with pytest.raises(PipelineError, match=rf"{section}.save_steps \(10\) must be a multiple of "
+                                            rf"{section}.logging_steps \(4\)"):
+        validate_recipe(apply_overrides(tiny_recipe, [f"{section}.save_steps=10", f"{section}.logging_steps=4"]))
+    validate_recipe(apply_overrides(tiny_recipe, [f"{section}.save_steps=10", f"{section}.logging_steps=2"]))
+
+
 def test_float_written_without_dot_is_accepted(tiny_recipe):
     # YAML 1.1 reads 1e-4 as a string; users write it all the time.
     recipe = validate_recipe(apply_overrides(tiny_recipe, ["sft.learning_rate=1e-4"]))

@@ -52,7 +52,6 @@ from pipeline.stages.fast_loss import LabelledPositionsDPOTrainer
 from pipeline.stages.training import (
     CHECKPOINTS,
     StopOnNonFiniteLoss,
-    check_save_cadence,
     save_stage_model,
     tensorboard_callbacks,
     train_with_resume,
@@ -142,7 +141,6 @@ def with_on_policy_rejected(rows: Dataset, policy: Any, tokenizer: Any,
 
 def run(ctx: StageContext) -> dict[str, Any]:
     recipe = ctx.recipe
-    check_save_cadence(recipe.dpo)
     prepared, sft_dir = ctx.upstream_dir("prepare"), ctx.upstream_dir("sft")
     train = load_from_disk(str(prepared / "dpo_train"))
     evaluation = load_from_disk(str(prepared / "dpo_eval")) if (prepared / "dpo_eval").exists() else None

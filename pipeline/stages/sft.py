@@ -24,7 +24,6 @@ from pipeline.models import (
 from pipeline.stages.context import StageContext
 from pipeline.stages.training import (
     StopOnNonFiniteLoss,
-    check_save_cadence,
     mixed_precision,
     save_stage_model,
     tensorboard_callbacks,
@@ -59,7 +58,6 @@ class LabelledPositionsSFTTrainer(SFTTrainer):
 
 def run(ctx: StageContext) -> dict[str, Any]:
     recipe = ctx.recipe
-    check_save_cadence(recipe.sft)
     prepared = ctx.upstream_dir("prepare")
     train = load_from_disk(str(prepared / "sft_train"))
     evaluation = load_from_disk(str(prepared / "sft_eval")) if (prepared / "sft_eval").exists() else None

@@ -162,16 +162,6 @@ def tensorboard_callbacks(args: Any, stage_dir: Path) -> list[TrainerCallback]:
             os.environ[TENSORBOARD_ENV] = previous
 
 
-def check_save_cadence(section: dict[str, Any]) -> None:
-    """NaN detection is only safe when every save step is also a logging step (see StopOnNonFiniteLoss)."""
-    save, log = section.get("save_steps"), section.get("logging_steps")
-    if isinstance(save, int) and isinstance(log, int) and save >= 1 and log >= 1 and save % log:
-        raise PipelineError(
-            f"save_steps ({save}) must be a multiple of logging_steps ({log}) so that a NaN loss is caught "
-            "before a checkpoint of broken weights is written."
-        )
-
-
 def _checkpoint_sizes(trainer: Any, checkpoint: str | None) -> tuple[int, int, int, str]:
     """(whole checkpoint, its largest file, the part the final save also writes) in bytes, and how estimated.
 
