@@ -59,12 +59,21 @@ def test_the_estimate_comes_before_the_first_model_stage_and_names_each_stage_to
     assert len(list(estimating.glob("*.json"))) == 1
 
 
+def _ran(raw: dict) -> tuple:
+    """A finished run of ``raw``: its recipe and prepared data."""
+    recipe = validate_recipe(raw)
+    _run(raw)
+    return recipe, recipe.stage_dir("prepare")
+
+
+def _speeds(train_token: float = 1.0, score_token: float = 0.0) -> estimate.Speeds:
+    return estimate.Speeds(train_token=train_token, train_position=0.0, score_token=score_token, score_position=0.0,
+                           decode_step=0.0, load=0.0)
+
+
 def test_the_work_counted_follows_the_recipe(tiny_recipe, estimating):
-    recipe = validate_recipe(tiny_recipe)
-    _run(tiny_recipe)
-    prepared = recipe.stage_dir("prepare")
-    speeds = estimate.Speeds(train_token=1.0, train_position=0.0, score_token=0.0, score_position=0.0,
-                             decode_step=0.0, load=0.0)
+    recipe, prepared = _ran(tiny_recipe)
+    speeds = _speeds()
     four, = estimate.estimate_with(recipe, ["sft"], prepared, speeds)
     eight, = estimate.estimate_with(validate_recipe(apply_overrides(tiny_recipe, ["sft.max_steps=8"])), ["sft"],
                                     prepared, speeds)
@@ -90,11 +99,8 @@ def test_a_stage_that_ran_scales_the_next_estimate_by_its_measured_ratio(tiny_re
 
 
 def test_measured_ratios_scale_only_their_stage_and_a_broken_record_is_ignored(tiny_recipe, estimating):
-    recipe = validate_recipe(tiny_recipe)
-    _run(tiny_recipe)
-    prepared = recipe.stage_dir("prepare")
-    speeds = estimate.Speeds(train_token=1.0, train_position=0.0, score_token=1.0, score_position=0.0,
-                             decode_step=0.0, load=0.0)
+    recipe, prepared = _ran(tiny_recipe)
+    speeds = _speeds(score_token=1.0)
     plain = {e.stage: e for e in estimate.estimate_with(recipe, ["sft", "dpo"], prepared, speeds)}
     scaled = {e.stage: e for e in estimate.estimate_with(recipe, ["sft", "dpo"], prepared, speeds, {"dpo": 1.5})}
     assert scaled["sft"].seconds == plain["sft"].seconds == scaled["sft"].compute_seconds
