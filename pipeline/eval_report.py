@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import Any
 
 MAIN_METRICS = ["format_compliance", "prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
-                "instruction_level_loose", "implicit_reward_acc", "likelihood_acc", "heldout_loss", "mean_new_tokens"]
-SPLIT_METRICS = ["prompt_level_strict", "instruction_level_strict", "prompt_level_loose", "format_compliance"]
+                "instruction_level_loose", "prompt_level_strict_no_echo", "prompt_echo", "implicit_reward_acc",
+                "likelihood_acc", "heldout_loss", "mean_new_tokens"]
+SPLIT_METRICS = ["prompt_level_strict", "instruction_level_strict", "prompt_level_loose", "format_compliance",
+                 "prompt_level_strict_no_echo", "prompt_echo"]
+ECHO_NOTE = ("`prompt_echo`: share of answers that repeat a whole line of the prompt verbatim (what a base model "
+             "does with a chat prompt); `prompt_level_strict_no_echo`: prompt-level strict accuracy with an echoing "
+             "answer's pass counted as a fail (unless the prompt asks to repeat its request). A diagnostic of how "
+             "a model passes, beside IFEval's metric, not a replacement for it.")
 # What the seen / unseen labels of data/eval_prompts.jsonl mean (scripts/build_data.py writes them).
 SPLITS = {
     "seen": "constraint types and phrasings that the training data uses",
@@ -126,7 +132,7 @@ def render_report(metrics: dict[str, dict], prompts: list[dict], stage_dir: Path
     splits = [s for s in SPLITS if any(s in metrics[n].get("by_split", {}) for n in names)]
     if splits:
         lines += ["", "## Seen and unseen constraints", ""]
-        lines += [f"- **{s}**: {SPLITS[s]}." for s in splits] + [""]
+        lines += [f"- **{s}**: {SPLITS[s]}." for s in splits] + ["", ECHO_NOTE, ""]
         lines += _group_table(metrics, names, steps, "by_split", "split", splits, SPLIT_METRICS, "prompts")
         lines += ["", *_words(metrics, steps, [("prompt_level_strict", s) for s in splits])]
     scored = [n for n in names if "by_pairs" in metrics[n]]

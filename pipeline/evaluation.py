@@ -50,17 +50,41 @@ def load_prompts(path: str | Path, max_prompts: int | None = None) -> list[dict[
     return rows[:max_prompts] if max_prompts else rows
 
 
+ECHO_MIN_CHARS = 20  # a prompt line this long, repeated verbatim, is an echo rather than a shared phrase
+
+
+def repeats_prompt(prompt: str, text: str) -> bool:
+    """Whether the answer repeats a whole line of the prompt (at least :data:`ECHO_MIN_CHARS` characters)
+    verbatim: what a base model does with a chat prompt it was never trained on, and how it passes checks such
+    as "answer with one of these options" or "include [placeholders]" without following them."""
+    return any(len(line.strip()) >= ECHO_MIN_CHARS and line.strip() in text for line in prompt.splitlines())
+
+
+def _passed_without_echo(row: dict[str, Any], out: dict[str, Any], echo: bool) -> bool:
+    """Strict pass by an answer that does not repeat the prompt (a prompt that asks for its request to be
+    repeated, ``combination:repeat_prompt``, keeps its strict result)."""
+    echo_asked = "combination:repeat_prompt" in row["instruction_id_list"]
+    return all(out["constraints_strict"]) and (echo_asked or not echo)
+
+
 def score_generations(prompts: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Format compliance (answered, then stopped on its own) and IFEval constraint accuracies."""
+    """Format compliance (answered, then stopped on its own), IFEval constraint accuracies, and how often the
+    answer repeats the prompt (``prompt_echo``; ``prompt_level_strict_no_echo`` counts an echoing answer's pass
+    as a fail: a diagnostic beside IFEval's metric, not a replacement)."""
     results = []
     for row, out in zip(prompts, outputs, strict=True):
         result = evaluate_response(out["text"], row["instruction_id_list"], row["kwargs"], row["prompt"])
         out["constraints_strict"], out["constraints_loose"] = result["strict"], result["loose"]
+        out["repeats_prompt"] = repeats_prompt(row["prompt"], out["text"])
         results.append(result)
     compliant = [out["stopped"] and bool(out["text"]) for out in outputs]
+    constrained = [(row, out) for row, out in zip(prompts, outputs, strict=True) if row["instruction_id_list"]]
     return {
         "format_compliance": round(sum(compliant) / max(len(compliant), 1), 4),
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in aggregate(results).items()},
+        "prompt_level_strict_no_echo": round(sum(_passed_without_echo(r, o, o["repeats_prompt"]) for r, o in constrained)
+                                             / len(constrained), 4) if constrained else None,
+        "prompt_echo": round(sum(o["repeats_prompt"] for o in outputs) / max(len(outputs), 1), 4),
         "mean_new_tokens": round(sum(o["new_tokens"] for o in outputs) / max(len(outputs), 1), 1),
     }
 
@@ -200,9 +224,7 @@ def preference_accuracy(policy: list[tuple[float, float]], reference: list[tuple
 Items = dict[str, tuple[list[float], list[float]]]
 
 # Which way is better, for the words of a comparison (None: neither, e.g. answer length).
-DIRECTION: dict[str, bool | None] = {"heldout_loss": False, "mean_new_tokens": None}
-_PROMPT_METRICS = ("format_compliance", "prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
-                   "instruction_level_loose")
+DIRECTION: dict[str, bool | None] = {"heldout_loss": False, "mean_new_tokens": None, "prompt_echo": None}
 
 
 def prompt_items(prompts: Sequence[dict[str, Any]], outputs: Sequence[dict[str, Any]]) -> Items:
@@ -217,11 +239,14 @@ def prompt_items(prompts: Sequence[dict[str, Any]], outputs: Sequence[dict[str, 
 
     for i, (row, out) in enumerate(zip(prompts, outputs, strict=True)):
         strict, loose = out["constraints_strict"], out["constraints_loose"]
+        echo = repeats_prompt(row["prompt"], out["text"])  # recomputed: answers stored before it lack the field
         asked = 1 if row["instruction_id_list"] else 0  # a plain prompt has no constraint accuracy
         values = {"format_compliance": (out["stopped"] and bool(out["text"]), 1),
                   "prompt_level_strict": (all(strict) * asked, asked), "prompt_level_loose": (all(loose) * asked, asked),
                   "instruction_level_strict": (sum(strict), len(strict)),
-                  "instruction_level_loose": (sum(loose), len(loose))}
+                  "instruction_level_loose": (sum(loose), len(loose)),
+                  "prompt_level_strict_no_echo": (_passed_without_echo(row, out, echo) * asked, asked),
+                  "prompt_echo": (echo, 1)}
         for key, (num, den) in values.items():
             add(key, i, num, den)
             if row.get("split"):

@@ -105,10 +105,10 @@ def test_a_subgroup_absent_from_every_item_has_no_value_and_no_interval():
 
 
 PROMPTS = [
-    {"key": 1, "source_id": "h1", "split": "seen", "instruction_id_list": ["punctuation:no_comma"]},
-    {"key": 2, "source_id": "h1", "split": "unseen_type",
+    {"key": 1, "source_id": "h1", "split": "seen", "instruction_id_list": ["punctuation:no_comma"], "prompt": "A?"},
+    {"key": 2, "source_id": "h1", "split": "unseen_type", "prompt": "B?",
      "instruction_id_list": ["keywords:letter_frequency", "punctuation:no_comma"]},
-    {"key": 3, "source_id": "h2", "split": "seen", "instruction_id_list": ["punctuation:no_comma"]},
+    {"key": 3, "source_id": "h2", "split": "seen", "instruction_id_list": ["punctuation:no_comma"], "prompt": "C?"},
 ]
 
 

@@ -37,6 +37,34 @@ def test_score_generations_counts_compliance_and_constraints():
     assert metrics["mean_new_tokens"] == 6.0
 
 
+ECHO_PROMPTS = [
+    {"key": 1, "prompt": "What are the northern lights?\n\nAnswer with one of the following options: My answer is "
+     "yes., My answer is no., My answer is maybe.", "split": "unseen_type", "source_id": "h1",
+     "instruction_id_list": ["detectable_format:constrained_response"], "kwargs": [{}]},
+    {"key": 2, "prompt": "Why is the Dead Sea so salty?\n\nFirst repeat the request word for word without change, then "
+     "give your answer.", "split": "seen", "source_id": "h2",
+     "instruction_id_list": ["combination:repeat_prompt"], "kwargs": [{"prompt_to_repeat": "Why is the Dead Sea so salty?"}]},
+]
+
+
+def test_an_answer_that_echoes_the_prompt_passes_ifeval_but_not_the_no_echo_diagnostic():
+    from pipeline.evaluation import prompt_items
+
+    echoed = [{"text": ECHO_PROMPTS[0]["prompt"] + "\nWhat are", "stopped": False, "new_tokens": 200},
+              {"text": "Why is the Dead Sea so salty? It has no outlet.", "stopped": True, "new_tokens": 12}]
+    followed = [{"text": "My answer is yes. They are light from the solar wind.", "stopped": True, "new_tokens": 12},
+                dict(echoed[1])]
+    base, trained = score_generations(ECHO_PROMPTS, echoed), score_generations(ECHO_PROMPTS, followed)
+    assert base["prompt_level_strict"] == trained["prompt_level_strict"] == 1.0   # IFEval cannot tell them apart
+    assert base["prompt_level_strict_no_echo"] == 0.5     # the echo's pass is not counted; asked-for repeat is
+    assert trained["prompt_level_strict_no_echo"] == 1.0
+    assert base["prompt_echo"] == 1.0 and trained["prompt_echo"] == 0.5 and echoed[1]["repeats_prompt"]
+    items = prompt_items(ECHO_PROMPTS, echoed)
+    assert items["by_split/unseen_type/prompt_level_strict"][0] == [1.0, 0.0]
+    assert items["by_split/unseen_type/prompt_level_strict_no_echo"][0] == [0.0, 0.0]
+    assert items["prompt_echo"][0] == [1.0, 1.0]
+
+
 def test_eval_prompts_with_an_unknown_instruction_id_fail_before_any_generation(tmp_path):
     from pipeline.errors import DataError
     from pipeline.evaluation import load_prompts
