@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.bootstrap import Estimate, Resamples, cluster_index, per_cluster, verdict
-from pipeline.data.constraints import aggregate, evaluate_response, get_constraint
+from pipeline.data.constraints import evaluate_response, get_constraint
 from pipeline.data.formats import read_jsonl
 from pipeline.errors import DataError, PipelineError
 from pipeline.inference import generate
@@ -68,25 +68,22 @@ def _passed_without_echo(row: dict[str, Any], out: dict[str, Any], echo: bool) -
 
 
 def score_generations(prompts: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Format compliance (answered, then stopped on its own), IFEval constraint accuracies, and how often the
-    answer repeats the prompt (``prompt_echo``; ``prompt_level_strict_no_echo`` counts an echoing answer's pass
-    as a fail: a diagnostic beside IFEval's metric, not a replacement)."""
-    results = []
+    """Check every answer (writes ``constraints_strict``, ``constraints_loose`` and ``repeats_prompt`` into its
+    row) and return the point values of :func:`prompt_items`' metrics: format compliance (answered, then
+    stopped on its own), IFEval's constraint accuracies overall and per type (None without a constrained
+    prompt), how often the answer repeats the prompt (``prompt_echo``; ``prompt_level_strict_no_echo`` counts
+    an echoing answer's pass as a fail: a diagnostic beside IFEval's metric, not a replacement) and answer
+    length. The intervals and per-split values come from the same items (:func:`bootstrap_metrics`)."""
+    if not outputs:
+        raise PipelineError("No evaluation results to score; check that the eval prompt file is not empty.")
     for row, out in zip(prompts, outputs, strict=True):
         result = evaluate_response(out["text"], row["instruction_id_list"], row["kwargs"], row["prompt"])
         out["constraints_strict"], out["constraints_loose"] = result["strict"], result["loose"]
         out["repeats_prompt"] = repeats_prompt(row["prompt"], out["text"])
-        results.append(result)
-    compliant = [out["stopped"] and bool(out["text"]) for out in outputs]
-    constrained = [(row, out) for row, out in zip(prompts, outputs, strict=True) if row["instruction_id_list"]]
-    return {
-        "format_compliance": round(sum(compliant) / max(len(compliant), 1), 4),
-        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in aggregate(results).items()},
-        "prompt_level_strict_no_echo": round(sum(_passed_without_echo(r, o, o["repeats_prompt"]) for r, o in constrained)
-                                             / len(constrained), 4) if constrained else None,
-        "prompt_echo": round(sum(o["repeats_prompt"] for o in outputs) / max(len(outputs), 1), 4),
-        "mean_new_tokens": round(sum(o["new_tokens"] for o in outputs) / max(len(outputs), 1), 1),
-    }
+    totals = {key: (sum(num), sum(den)) for key, (num, den) in prompt_items(prompts, outputs).items()
+              if not key.startswith("by_split/")}
+    return {"per_type_strict": {}, **nest({key: round(num / den, 4) if den else None
+                                           for key, (num, den) in sorted(totals.items())})}
 
 
 def generate_for_prompts(model: Any, tokenizer: Any, prompts: list[dict[str, Any]], *, max_new_tokens: int,

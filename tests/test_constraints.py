@@ -457,27 +457,6 @@ def test_evaluate_response_ignores_null_kwargs_as_in_ifeval_files():
     assert result["prompt_strict"]
 
 
-def test_aggregate_computes_prompt_and_instruction_level_accuracy():
-    results = [
-        C.evaluate_response("all good.", ["change_case:english_lowercase", "punctuation:no_comma"], [{}, {}]),
-        C.evaluate_response("Not, good.", ["change_case:english_lowercase", "punctuation:no_comma"], [{}, {}]),
-    ]
-    summary = C.aggregate(results)
-    assert summary["prompt_level_strict"] == 0.5 and summary["instruction_level_strict"] == 0.5
-    assert summary["per_type_strict"]["punctuation:no_comma"] == 0.5
-
-
-def test_aggregate_leaves_plain_prompts_out_of_the_constraint_accuracies():
-    lowercase = C.evaluate_response("Not lower.", ["change_case:english_lowercase"], [{}])
-    plain = C.evaluate_response("Any answer.", [], [])
-    assert plain["prompt_strict"]  # nothing asked, nothing failed: it must not count as a pass
-    summary = C.aggregate([lowercase, plain])
-    assert summary["prompt_level_strict"] == 0.0 and summary["instruction_level_loose"] == 0.0
-    assert C.aggregate([plain, plain]) == {"prompt_level_strict": None, "prompt_level_loose": None,
-                                           "instruction_level_strict": None, "instruction_level_loose": None,
-                                           "per_type_strict": {}}
-
-
 def test_unknown_instruction_id_raises_pipeline_error_listing_supported_ids():
     with pytest.raises(PipelineError, match="Supported ids: .*punctuation:no_comma"):
         C.check("language:response_dialect", "Hola", {"language": "es"})

@@ -9,6 +9,7 @@ import pytest
 from conftest import write_jsonl
 
 from pipeline.config import validate_recipe
+from pipeline.errors import PipelineError
 from pipeline.evaluation import score_generations
 from pipeline.runner import run_recipe
 
@@ -35,6 +36,25 @@ def test_score_generations_counts_compliance_and_constraints():
     assert metrics["per_type_strict"]["punctuation:no_comma"] == 0.0
     assert metrics["per_type_strict"]["change_case:english_lowercase"] == 1.0
     assert metrics["mean_new_tokens"] == 6.0
+
+
+
+def test_score_generations_leaves_plain_prompts_out_of_the_constraint_accuracies():
+    lowercase = {"prompt": "Say it in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
+                 "kwargs": [{}]}
+    plain = {"prompt": "Say anything.", "instruction_id_list": [], "kwargs": []}
+    answers = [{"text": "Not lower.", "stopped": True, "new_tokens": 3}, {"text": "Any answer.", "stopped": True,
+                                                                          "new_tokens": 3}]
+    metrics = score_generations([lowercase, plain], answers)  # nothing asked of the plain one: not a pass
+    assert metrics["prompt_level_strict"] == 0.0 and metrics["instruction_level_loose"] == 0.0
+    assert metrics["format_compliance"] == 1.0
+    only_plain = score_generations([plain, plain], [dict(a) for a in answers])
+    assert {k: only_plain[k] for k in ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
+                                       "instruction_level_loose", "per_type_strict")} == {
+        "prompt_level_strict": None, "prompt_level_loose": None, "instruction_level_strict": None,
+        "instruction_level_loose": None, "per_type_strict": {}}
+    with pytest.raises(PipelineError, match="eval prompt file is not empty"):
+        score_generations([], [])
 
 
 ECHO_PROMPTS = [

@@ -1380,28 +1380,3 @@ def evaluate_response(response: str, instruction_id_list: Sequence[str], kwargs_
              for i, kw in zip(instruction_id_list, kwargs_list, strict=True)]
     return {"instruction_id_list": list(instruction_id_list), "strict": strict, "loose": loose,
             "prompt_strict": all(strict), "prompt_loose": all(loose)}
-
-
-def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """IFEval's four accuracies (prompt/instruction level × strict/loose) and strict accuracy per type, over the
-    prompts that carry instructions (None when none does: a plain prompt set has no constraint accuracy)."""
-    if not results:
-        raise PipelineError("No evaluation results to aggregate; check that the eval prompt file is not empty.")
-    per_type: dict[str, list[bool]] = {}
-    for r in results:
-        for iid, ok in zip(r["instruction_id_list"], r["strict"], strict=True):
-            per_type.setdefault(iid, []).append(ok)
-    constrained = [r for r in results if r["instruction_id_list"]]
-    flat = [ok for r in constrained for ok in r["strict"]]
-    flat_loose = [ok for r in constrained for ok in r["loose"]]
-
-    def rate(values: Sequence[bool]) -> float | None:
-        return sum(values) / len(values) if values else None
-
-    return {
-        "prompt_level_strict": rate([r["prompt_strict"] for r in constrained]),
-        "prompt_level_loose": rate([r["prompt_loose"] for r in constrained]),
-        "instruction_level_strict": rate(flat),
-        "instruction_level_loose": rate(flat_loose),
-        "per_type_strict": {k: sum(v) / len(v) for k, v in sorted(per_type.items())},
-    }
