@@ -183,6 +183,14 @@ def mean_nll(scored: Sequence[tuple[float, int]]) -> float:
     return round(total / max(count, 1), 4)
 
 
+def heldout_rows(conversations: Sequence[list[dict[str, str]]], scored: Sequence[tuple[float, int]]
+                 ) -> list[dict[str, Any]]:
+    """One row per held-out answer (``heldout_<model>.jsonl``): an id of its conversation, its summed log-prob and
+    token count, so that ``scripts/compare_runs.py`` can pair the held-out loss of two runs answer by answer."""
+    return [{"id": hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16], "logp": logp,
+             "tokens": tokens} for c, (logp, tokens) in zip(conversations, scored, strict=True)]
+
+
 def heldout_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], desc: str,
                  batch_size: int = 8) -> float:
     """Mean per-token NLL of the final assistant answer of each held-out conversation."""

@@ -10,7 +10,8 @@ difference is a real gain:
     python scripts/compare_runs.py runs/quickstart runs/variant --model sft --prompts data/eval_prompts.jsonl
 
 Both runs must have evaluated the same prompt file (the generations are matched by prompt key). Where both runs
-wrote ``eval/pairs_<model>.jsonl``, held-out preference accuracy is compared on the same pairs as well. The training
+wrote ``eval/pairs_<model>.jsonl``, held-out preference accuracy is compared on the same pairs as well; where both
+wrote ``eval/heldout_<model>.jsonl``, the held-out loss of the reference answers on the same answers. The training
 seed moves these metrics too (docs/experiments.md): compare two seeds of each before believing a variant.
 """
 
@@ -29,6 +30,7 @@ from pipeline.evaluation import (  # noqa: E402
     DIRECTION,
     bootstrap_metrics,
     load_prompts,
+    loss_items,
     pair_outcome_items,
     prompt_clusters,
     prompt_items,
@@ -53,6 +55,12 @@ def read_pairs(run: Path, model: str) -> list[dict] | None:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else None
 
 
+def read_heldout(run: Path, model: str) -> list[dict] | None:
+    """The run's ``eval/heldout_<model>.jsonl`` (each reference answer's log-prob under that model), if it has one."""
+    path = run / "eval" / f"heldout_{model}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else None
+
+
 def _pair_items(rows: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     """Per-pair values of the preference accuracies, overall and per group, from ``pairs_<model>.jsonl`` rows."""
     return pair_outcome_items({"implicit_reward_acc": [r["implicit_reward_correct"] for r in rows],
@@ -70,6 +78,12 @@ def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tu
         if [r["id"] for r in pairs[names[0]]] != [r["id"] for r in pairs[names[1]]]:
             raise SystemExit("the runs' pairs_*.jsonl hold different preference pairs: they cannot be paired")
         groups.append((list(range(len(pairs[names[0]]))), {n: _pair_items(pairs[n]) for n in names}))
+    heldout = {name: read_heldout(Path(name), model) for name in names}
+    if all(heldout.values()):  # both runs scored the reference answers: compare the held-out loss on the same ones
+        if [r["id"] for r in heldout[names[0]]] != [r["id"] for r in heldout[names[1]]]:
+            raise SystemExit("the runs' heldout_*.jsonl hold different reference answers: they cannot be paired")
+        groups.append((list(range(len(heldout[names[0]]))),
+                       {n: loss_items([(r["logp"], r["tokens"]) for r in heldout[n]]) for n in names}))
     intervals, differences = bootstrap_metrics(groups, names)
     diffs = differences[(names[0], names[1])]
     keys = [k for k in MAIN_METRICS if k in diffs] + sorted(

@@ -82,3 +82,26 @@ def test_preference_accuracy_is_compared_on_the_same_pairs_when_both_runs_ranked
     _pairs(second, [True] * 60, prompt="another question {i}")
     with pytest.raises(SystemExit, match="different preference pairs"):
         compare.compare(first, second, "dpo", str(prompts))
+
+
+def _heldout(run: Path, nll: list[float], text: str = "a{i}") -> None:
+    _write(run / "eval" / "heldout_dpo.jsonl", [{"id": text.format(i=i), "logp": -x * 10, "tokens": 10}
+                                                for i, x in enumerate(nll)])
+
+
+def test_heldout_loss_is_compared_on_the_same_reference_answers_when_both_runs_scored_them(tmp_path: Path) -> None:
+    keys = ["x", "y"]
+    prompts = _write(tmp_path / "prompts.jsonl", [
+        {"key": k, "prompt": "Say hi in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
+         "kwargs": [{}]} for k in keys])
+    first, second = _run(tmp_path, "a", [True, False], keys), _run(tmp_path, "b", [True, False], keys)
+    compare = _compare_runs()
+    assert "heldout_loss" not in {row[0] for row in compare.compare(first, second, "dpo", str(prompts))}
+    _heldout(first, [2.0 + (i % 7) / 10 for i in range(50)])
+    _heldout(second, [2.5 + (i % 7) / 10 for i in range(50)])  # every answer 0.5 nats per token less likely
+    a, b, diff = {key: (a, b, d) for key, a, b, d in compare.compare(first, second, "dpo", str(prompts))}[
+        "heldout_loss"]
+    assert (a, b) == (pytest.approx(2.3, abs=0.01), pytest.approx(2.8, abs=0.01)) and diff.endswith("worse")
+    _heldout(second, [2.5] * 50, text="b{i}")
+    with pytest.raises(SystemExit, match="different reference answers"):
+        compare.compare(first, second, "dpo", str(prompts))

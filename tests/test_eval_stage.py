@@ -150,6 +150,11 @@ def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):
         assert 0.0 <= metrics[name]["implicit_reward_acc"] <= 1.0
         assert metrics[name]["heldout_loss"] > 0
     assert "implicit_reward_acc" not in metrics["base"]
+    scored = {n: [json.loads(x) for x in (out / f"heldout_{n}.jsonl").read_text().splitlines()] for n in metrics}
+    for name, rows in scored.items():  # each reference answer's score, for compare_runs: they add up to the loss
+        loss = -sum(r["logp"] for r in rows) / sum(r["tokens"] for r in rows)
+        assert loss == pytest.approx(metrics[name]["heldout_loss"], abs=1e-3)
+        assert [r["id"] for r in rows] == [r["id"] for r in scored["base"]] and len({r["id"] for r in rows}) > 1
     # every metric has its interval; later models carry paired differences against earlier ones
     for name in ("base", "sft", "dpo"):
         low, high = metrics[name]["ci95"]["prompt_level_strict"]

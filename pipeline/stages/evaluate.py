@@ -1,7 +1,8 @@
 """Stage ``eval``: base vs SFT vs DPO on held-out prompts, side by side.
 
-Writes ``<output_dir>/eval/metrics.json``, ``report.md``, PNG plots, ``generations_<model>.jsonl`` and, for the
-trained models, ``pairs_<model>.jsonl`` (each held-out preference pair's log-probs and whether it was ranked right).
+Writes ``<output_dir>/eval/metrics.json``, ``report.md``, PNG plots, ``generations_<model>.jsonl``,
+``heldout_<model>.jsonl`` (each reference answer's log-prob) and, for the trained models, ``pairs_<model>.jsonl``
+(each held-out preference pair's log-probs and whether it was ranked right).
 Metrics: format compliance (answers, then stops), IFEval-style constraint accuracy (strict/loose, per
 type, per seen/unseen split), held-out preference accuracy (DPO implicit reward vs the stage's reference),
 held-out loss of reference answers; plus the SFT/DPO training loss curves. Every metric carries a 95 %
@@ -29,6 +30,7 @@ from pipeline.eval_report import render_report
 from pipeline.evaluation import (
     bootstrap_metrics,
     generate_for_prompts,
+    heldout_rows,
     heldout_scores,
     interval_summary,
     load_prompts,
@@ -78,6 +80,7 @@ def _evaluate_model(ctx: StageContext, tokenizer: Any, name: str, prompts: list[
     metrics: dict[str, Any] = {}
     if conversations:
         metrics["heldout_loss"] = mean_nll(losses[name])
+        atomic_write_text(ctx.stage_dir / f"heldout_{name}.jsonl", _jsonl(heldout_rows(conversations, losses[name])))
     if pairs and name in REFERENCE:
         metrics.update(preference_accuracy(logps[name], logps[REFERENCE[name]]))
         atomic_write_text(ctx.stage_dir / f"pairs_{name}.jsonl",
