@@ -58,6 +58,15 @@ def test_runs_on_different_prompt_files_are_refused(tmp_path: Path) -> None:
         _compare_runs().compare(reference, other, "sft", str(prompts))
 
 
+def _two_runs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A two-prompt eval file and two runs with the same answers to it."""
+    keys = ["x", "y"]
+    prompts = _write(tmp_path / "prompts.jsonl", [
+        {"key": k, "prompt": "Say hi in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
+         "kwargs": [{}]} for k in keys])
+    return prompts, _run(tmp_path, "a", [True, False], keys), _run(tmp_path, "b", [True, False], keys)
+
+
 def _pairs(run: Path, right: list[bool], prompt: str = "Q{i}") -> None:
     _write(run / "eval" / "pairs_dpo.jsonl", [
         {"pair": i, "id": prompt.format(i=i), "group": "constraint" if i % 2 else "general", "prompt": "?",
@@ -65,11 +74,7 @@ def _pairs(run: Path, right: list[bool], prompt: str = "Q{i}") -> None:
 
 
 def test_preference_accuracy_is_compared_on_the_same_pairs_when_both_runs_ranked_them(tmp_path: Path) -> None:
-    keys = ["x", "y"]
-    prompts = _write(tmp_path / "prompts.jsonl", [
-        {"key": k, "prompt": "Say hi in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
-         "kwargs": [{}]} for k in keys])
-    first, second = _run(tmp_path, "a", [True, False], keys), _run(tmp_path, "b", [True, False], keys)
+    prompts, first, second = _two_runs(tmp_path)
     compare = _compare_runs()
     assert "implicit_reward_acc" not in {row[0] for row in compare.compare(first, second, "dpo", str(prompts))}
     _pairs(first, [i < 30 for i in range(60)])  # 50 % right
@@ -90,11 +95,7 @@ def _heldout(run: Path, nll: list[float], text: str = "a{i}") -> None:
 
 
 def test_heldout_loss_is_compared_on_the_same_reference_answers_when_both_runs_scored_them(tmp_path: Path) -> None:
-    keys = ["x", "y"]
-    prompts = _write(tmp_path / "prompts.jsonl", [
-        {"key": k, "prompt": "Say hi in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
-         "kwargs": [{}]} for k in keys])
-    first, second = _run(tmp_path, "a", [True, False], keys), _run(tmp_path, "b", [True, False], keys)
+    prompts, first, second = _two_runs(tmp_path)
     compare = _compare_runs()
     assert "heldout_loss" not in {row[0] for row in compare.compare(first, second, "dpo", str(prompts))}
     _heldout(first, [2.0 + (i % 7) / 10 for i in range(50)])
