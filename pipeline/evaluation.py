@@ -191,12 +191,6 @@ def heldout_rows(conversations: Sequence[list[dict[str, str]]], scored: Sequence
              "tokens": tokens} for c, (logp, tokens) in zip(conversations, scored, strict=True)]
 
 
-def heldout_loss(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], desc: str,
-                 batch_size: int = 8) -> float:
-    """Mean per-token NLL of the final assistant answer of each held-out conversation."""
-    return mean_nll(heldout_scores(model, tokenizer, conversations, desc, batch_size))
-
-
 def pair_logps(model: Any, tokenizer: Any, pairs: list[dict[str, Any]], desc: str,
                batch_size: int = 8) -> list[tuple[float, float]]:
     """``(log π(chosen|x), log π(rejected|x))`` of every preference pair under ``model``."""
