@@ -49,15 +49,10 @@ def read_generations(run: Path, model: str, prompts: list[dict]) -> list[dict]:
     return [by_key[p["key"]] for p in prompts]
 
 
-def read_pairs(run: Path, model: str) -> list[dict] | None:
-    """The run's ``eval/pairs_<model>.jsonl`` (held-out preference pairs ranked by that model), if it has one."""
-    path = run / "eval" / f"pairs_{model}.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else None
-
-
-def read_heldout(run: Path, model: str) -> list[dict] | None:
-    """The run's ``eval/heldout_<model>.jsonl`` (each reference answer's log-prob under that model), if it has one."""
-    path = run / "eval" / f"heldout_{model}.jsonl"
+def read_scores(run: Path, kind: str, model: str) -> list[dict] | None:
+    """The run's ``eval/<kind>_<model>.jsonl``, if it has one: ``pairs`` (held-out preference pairs ranked by that
+    model) or ``heldout`` (each reference answer's log-prob under it)."""
+    path = run / "eval" / f"{kind}_{model}.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else None
 
 
@@ -73,12 +68,12 @@ def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tu
     names = [f"{first}", f"{second}"]
     items = {name: prompt_items(prompts, read_generations(Path(name), model, prompts)) for name in names}
     groups = [(prompt_clusters(prompts), items)]
-    pairs = {name: read_pairs(Path(name), model) for name in names}
+    pairs = {name: read_scores(Path(name), "pairs", model) for name in names}
     if all(pairs.values()):  # both runs ranked held-out pairs: compare preference accuracy on the same pairs too
         if [r["id"] for r in pairs[names[0]]] != [r["id"] for r in pairs[names[1]]]:
             raise SystemExit("the runs' pairs_*.jsonl hold different preference pairs: they cannot be paired")
         groups.append((list(range(len(pairs[names[0]]))), {n: _pair_items(pairs[n]) for n in names}))
-    heldout = {name: read_heldout(Path(name), model) for name in names}
+    heldout = {name: read_scores(Path(name), "heldout", model) for name in names}
     if all(heldout.values()):  # both runs scored the reference answers: compare the held-out loss on the same ones
         if [r["id"] for r in heldout[names[0]]] != [r["id"] for r in heldout[names[1]]]:
             raise SystemExit("the runs' heldout_*.jsonl hold different reference answers: they cannot be paired")
