@@ -58,6 +58,7 @@ LORA_DEFAULTS: dict[str, Any] = {
     # e.g. bf16: no float32 casts around every LoRA layer; see models.set_adapter_dtype)
     "adapter_dtype": "float32",
 }
+LORA_PIPELINE_KEYS = {"train_template_tokens": (True, False), "adapter_dtype": ("float32", "model")}
 # Applied to both trainer sections. Why each differs from TRL's default:
 _TRAINER_DEFAULTS: dict[str, Any] = {
     # TensorBoard event files in <stage>/runs/ (local files, no network; see stages.training.stage_callbacks).
@@ -89,8 +90,11 @@ DPO_DEFAULTS: dict[str, Any] = {
     # with verifiable constraints takes the SFT model's own failing answer as its rejected one
     "start": "merge",
     "on_policy_rejected": False,
+    # pipeline key: LoRA fields of the fresh adapter DPO trains on the merged SFT model (start: merge), over the
+    # recipe's lora section; e.g. {r: 64, lora_alpha: 128} on a rank-16 SFT model (Recipe.stage_lora)
+    "lora": {},
 }
-DPO_PIPELINE_KEYS = {"start": ("merge", "continue_adapter"), "on_policy_rejected": (True, False)}
+DPO_PIPELINE_KEYS = {"start": ("merge", "continue_adapter"), "on_policy_rejected": (True, False), "lora": ()}
 EVAL_MODELS = ("base", "sft", "dpo")
 EVAL_DEFAULTS: dict[str, Any] = {
     "prompts": None,  # JSONL with IFEval-style prompt / instruction_id_list / kwargs
@@ -132,6 +136,12 @@ class Recipe:
     dpo: dict[str, Any] | None
     eval: dict[str, Any] | None
     source: Path | None = None
+
+    def stage_lora(self, stage: str) -> dict[str, Any]:
+        """The LoRA settings of the adapter ``stage`` trains: the lora section, for DPO with dpo.lora over it."""
+        if stage == "dpo" and self.dpo:
+            return {**self.lora, **self.dpo["lora"]}
+        return self.lora
 
     def stage_dir(self, stage: str) -> Path:
         return self.output_dir / stage
@@ -312,6 +322,24 @@ def _check_save_cadence(section: str, values: dict[str, Any]) -> None:
         )
 
 
+def _validate_dpo_lora(values: Any, lora: dict[str, Any], start: str) -> dict[str, Any]:
+    """dpo.lora: LoRA fields for DPO's own adapter, checked like the lora section; only a fresh adapter can differ."""
+    from peft import LoraConfig
+
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise PipelineError(f"dpo.lora must be a mapping of LoRA fields (e.g. {{r: 64}}), got {values!r}.")
+    if values and start != "merge":
+        raise PipelineError("dpo.lora sets the fresh adapter of dpo.start: merge; with continue_adapter DPO trains "
+                            "the SFT adapter as it is. Remove dpo.lora or use dpo.start: merge.")
+    if "train_template_tokens" in values:
+        raise PipelineError("dpo.lora.train_template_tokens: DPO never trains the turn-token embeddings (SFT did, "
+                            "and they are merged into the weights it starts from).")
+    checked = _validate_dataclass_section("dpo.lora", {**lora, **values}, LoraConfig, extra=LORA_PIPELINE_KEYS)
+    return {key: checked[key] for key in values}
+
+
 def validate_recipe(raw: dict[str, Any], source: Path | None = None) -> Recipe:
     """Check a raw recipe dict and return a :class:`Recipe` with defaults filled in."""
     from peft import LoraConfig
@@ -339,8 +367,7 @@ def validate_recipe(raw: dict[str, Any], source: Path | None = None) -> Recipe:
                             f"may be malformed) or null to disable the check, got {limit!r}.")
 
     lora = _validate_dataclass_section("lora", {**LORA_DEFAULTS, **(raw.get("lora") or {})}, LoraConfig,
-                                       extra={"train_template_tokens": (True, False),
-                                              "adapter_dtype": ("float32", "model")})
+                                       extra=LORA_PIPELINE_KEYS)
     sft = dpo = evaluation = None
     if "sft" in raw:
         sft = _validate_dataclass_section("sft", {**SFT_DEFAULTS, **(raw["sft"] or {})}, SFTConfig)
@@ -348,6 +375,7 @@ def validate_recipe(raw: dict[str, Any], source: Path | None = None) -> Recipe:
         dpo = _validate_dataclass_section(
             "dpo", {**DPO_DEFAULTS, **(raw["dpo"] or {})}, DPOConfig, extra=DPO_PIPELINE_KEYS
         )
+        dpo["lora"] = _validate_dpo_lora(dpo["lora"], lora, dpo["start"])
         if sft is None:
             raise PipelineError("The recipe has a 'dpo' section but no 'sft' section: DPO starts from SFT.")
         if not data["dpo"]:

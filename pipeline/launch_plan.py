@@ -304,7 +304,7 @@ def estimate_stage(recipe: Recipe, stage: str, shape: ModelShape, device: str = 
     """
     section = {**(getattr(recipe, stage) or {}), **(overrides or {})}
     model_cfg = {**recipe.model, **{k: v for k, v in (overrides or {}).items() if k in recipe.model}}
-    lora = recipe.lora
+    lora = recipe.stage_lora(stage)
     b = compute_dtype_bytes(model_cfg, device)
     four_bit = bool(model_cfg["load_in_4bit"]) and device == "cuda"
     targets = lora_targets(shape, lora["target_modules"])

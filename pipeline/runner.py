@@ -106,7 +106,9 @@ def stage_config(recipe: Recipe, stage: str) -> dict[str, Any]:
     if stage == "sft":
         return {"model": recipe.model, "lora": recipe.lora, "sft": recipe.sft}
     if stage == "dpo":
-        return {"model": recipe.model, "lora": recipe.lora, "dpo": recipe.dpo}
+        # dpo.lora enters as the adapter's settings: an empty one leaves the fingerprint as it was before the key
+        dpo = {key: value for key, value in recipe.dpo.items() if key != "lora"}
+        return {"model": recipe.model, "lora": recipe.stage_lora("dpo"), "dpo": dpo}
     if stage == "eval":
         files = [(recipe.eval or {}).get(key) for key in ("prompts", "preferences")]
         return {"model": recipe.model, "eval": recipe.eval, "hashes": [_content_hash(f) if f else None for f in files]}

@@ -75,6 +75,23 @@ def test_dpo_start_mode_is_checked(tiny_recipe):
         validate_recipe(tiny_recipe)
 
 
+def test_dpo_lora_is_checked_like_the_lora_section_and_laid_over_it(tiny_recipe):
+    recipe = validate_recipe(apply_overrides(tiny_recipe, ["dpo.lora.r=8", "dpo.lora.lora_alpha=16"]))
+    assert recipe.stage_lora("dpo") == {**recipe.lora, "r": 8, "lora_alpha": 16}
+    assert recipe.stage_lora("sft") == recipe.lora and recipe.lora["r"] == 4
+    assert validate_recipe(tiny_recipe).stage_lora("dpo") == recipe.lora
+    with pytest.raises(PipelineError, match=r"'lora_alfa' in recipe section 'dpo.lora'.*'lora_alpha'"):
+        validate_recipe(apply_overrides(tiny_recipe, ["dpo.lora.lora_alfa=16"]))
+    with pytest.raises(PipelineError, match=r"dpo.lora.r must be of type int"):
+        validate_recipe(apply_overrides(tiny_recipe, ["dpo.lora.r=sixty"]))
+    with pytest.raises(PipelineError, match="continue_adapter DPO trains the SFT adapter as it is"):
+        validate_recipe(apply_overrides(tiny_recipe, ["dpo.lora.r=8", "dpo.start=continue_adapter"]))
+    with pytest.raises(PipelineError, match="never trains the turn-token embeddings"):
+        validate_recipe(apply_overrides(tiny_recipe, ["dpo.lora.train_template_tokens=false"]))
+    with pytest.raises(PipelineError, match="dpo.lora must be a mapping"):
+        validate_recipe(apply_overrides(tiny_recipe, ["dpo.lora=64"]))
+
+
 def test_adapter_dtype_is_checked(tiny_recipe):
     tiny_recipe["lora"]["adapter_dtype"] = "bf16"
     with pytest.raises(PipelineError, match=r"lora.adapter_dtype must be one of \['float32', 'model'\]"):

@@ -167,6 +167,19 @@ def test_dpo_merge_start_peaks_with_full_precision_weights_even_for_qlora() -> N
     assert estimate_stage(validate_recipe(raw), "dpo", shape).merge_peak == 0
 
 
+def test_dpo_lora_sizes_the_dpo_adapter_only() -> None:
+    shape = ModelShape.from_config(fixture_config("llama-3.2-1b"))
+    raw = {"model": {"name_or_path": "x"}, "data": {"sft": ["x.jsonl"], "dpo": ["y.jsonl"]}, "sft": {}, "dpo": {},
+           "lora": {"r": 16}}
+    same = validate_recipe(raw)
+    raw["dpo"]["lora"] = {"r": 64}
+    own = validate_recipe(raw)
+    assert _part(estimate_stage(own, "sft", shape), "LoRA adapter") == _part(estimate_stage(same, "sft", shape),
+                                                                             "LoRA adapter")
+    assert _part(estimate_stage(own, "dpo", shape), "LoRA adapter") == 4 * _part(estimate_stage(same, "dpo", shape),
+                                                                                 "LoRA adapter")
+
+
 def test_parse_memory_reads_gpu_sizes_and_refuses_nonsense() -> None:
     assert parse_memory("24GiB") == 24 * GIB
     assert parse_memory("24GB") == 24 * GIB  # a "24 GB" card holds 24 GiB

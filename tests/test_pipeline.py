@@ -187,6 +187,22 @@ def test_dpo_reference_is_the_sft_model_not_the_raw_base(completed_run):
     assert (reference - base_logits).abs().max() > 1e-2
 
 
+def test_dpo_lora_sets_the_dpo_adapter_and_leaves_sft_alone(completed_run):
+    out = Path(completed_run["output_dir"])
+
+    def rank(stage: str) -> int:
+        return json.loads((out / stage / "adapter_config.json").read_text())["r"]
+
+    assert rank("sft") == rank("dpo") == 4
+    # an empty dpo.lora, or one equal to the lora section, is the same adapter: nothing re-runs
+    assert set(_run(completed_run, "dpo.lora={}").values()) == {"skipped"}
+    assert set(_run(completed_run, "dpo.lora.r=4").values()) == {"skipped"}
+    assert _run(completed_run, "dpo.lora.r=8", "dpo.lora.lora_alpha=16") == {
+        "prepare": "skipped", "sft": "skipped", "dpo": "ran"}
+    assert (rank("sft"), rank("dpo")) == (4, 8)
+    assert json.loads((out / "dpo" / "adapter_config.json").read_text())["lora_alpha"] == 16
+
+
 def test_continue_adapter_mode_trains_the_sft_adapter(tiny_recipe):
     with pytest.raises(PipelineError, match="train_template_tokens"):
         _run(tiny_recipe, "dpo.start=continue_adapter")
