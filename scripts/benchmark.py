@@ -546,7 +546,7 @@ def run_stage_floors(args: argparse.Namespace) -> dict[str, Any]:
         dpo = LabelledPositionsDPOTrainer(
             model=load_base_model(recipe.model), ref_model=None, args=DPOConfig(**settings),
             train_dataset=load_from_disk(str(run / "prepare" / "dpo_train")), processing_class=tokenizer,
-            peft_config=lora_config(recipe.lora))
+            peft_config=lora_config(recipe.stage_lora("dpo")))
         dpo_batches = _consumed_batches(dpo)
         del dpo
     bare_floor_seconds(bare, sft_batches[:1])  # untimed: one-off allocations
@@ -587,7 +587,8 @@ def _plain_trl_loop(args: argparse.Namespace, stage: str) -> tuple[float, int]:
     recipe = _quick_settings(args)
     tokenizer = load_tokenizer(recipe.model)
     sft_rows, pairs = _quick_rows(recipe, tokenizer, args)
-    fields = {k: v for k, v in recipe.lora.items() if k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+    fields = {k: v for k, v in recipe.stage_lora(stage).items()
+              if k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
     lora = LoraConfig(**fields, task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as tmp:
         def build() -> Any:
@@ -653,8 +654,8 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
             settings = _loop_args(recipe.dpo, recipe, tmp, tuple(DPO_PIPELINE_KEYS))
             trainer = LabelledPositionsDPOTrainer(
                 model=fresh_model(), ref_model=None, args=DPOConfig(**settings), train_dataset=fresh(pairs),
-                processing_class=tokenizer, peft_config=lora_config(recipe.lora), callbacks=[StepTimer()])
-            set_adapter_dtype(trainer.model, recipe.lora)
+                processing_class=tokenizer, peft_config=lora_config(recipe.stage_lora("dpo")), callbacks=[StepTimer()])
+            set_adapter_dtype(trainer.model, recipe.stage_lora("dpo"))
             return trainer
 
         bare = fresh_model()
