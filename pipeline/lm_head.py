@@ -26,10 +26,12 @@ def _scratch(rows: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     the next chunk and the next call. Fresh tensors this large cost more than the arithmetic on a CPU: glibc maps
     every allocation over 32 MB anew and the kernel faults in and zeroes its pages (measured on gemma-3-270m's head,
     2026-12-05, AMD Zen 4: forward + backward 2.6 instead of 4.1 ms a position). Held until :func:`free_scratch`;
-    one set at a time (a call for more rows, another head or another device replaces it)."""
+    one set at a time (a call for more rows, another head or another device replaces it, and so does a call outside
+    ``torch.inference_mode`` after one inside it, whose tensors autograd may not write to)."""
     key = (weight.shape[0], weight.dtype, weight.device)
     held = _SCRATCH.get(key)
-    if held is None or held[0].shape[0] < rows:
+    if (held is None or held[0].shape[0] < rows
+            or (held[0].is_inference() and not torch.is_inference_mode_enabled())):
         _SCRATCH.clear()  # before allocating: never two sets at once
         shape = (rows, weight.shape[0])
         held = (torch.empty(shape, dtype=weight.dtype, device=weight.device),

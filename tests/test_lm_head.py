@@ -187,6 +187,20 @@ def test_the_heads_scratch_tensors_serve_every_call_until_freed():
     assert not lm_head._SCRATCH
 
 
+def test_scratch_tensors_made_under_inference_mode_are_replaced_for_training():
+    """Scoring (the eval's inference mode) and then training in one process: the training call must not write into
+    inference tensors (it did: 'Inplace update to inference tensor outside InferenceMode')."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=generator)
+    lm_head.free_scratch()
+    with torch.inference_mode():
+        head_log_probs(torch.randn(6, 8, generator=generator), torch.arange(6), weight, chunk=4)
+    assert all(t.is_inference() for t in next(iter(lm_head._SCRATCH.values())))
+    _check_against_autograd(weight, count=3, chunk=4, generator=generator)
+    assert not any(t.is_inference() for t in next(iter(lm_head._SCRATCH.values())))
+    lm_head.free_scratch()
+
+
 def test_chunked_head_under_autocast_to_another_dtype_computes_as_the_linear_layer_does():
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(50, 8, generator=generator)  # float32 head, bf16 autocast: F.linear gives bf16 logits
