@@ -94,6 +94,7 @@ DPO_DEFAULTS: dict[str, Any] = {
     # recipe's lora section; e.g. {r: 64, lora_alpha: 128} on a rank-16 SFT model (Recipe.stage_lora)
     "lora": {},
 }
+# allowed values; () = any here, checked by its own validator (dpo.lora: _validate_dpo_lora)
 DPO_PIPELINE_KEYS = {"start": ("merge", "continue_adapter"), "on_policy_rejected": (True, False), "lora": ()}
 EVAL_MODELS = ("base", "sft", "dpo")
 EVAL_DEFAULTS: dict[str, Any] = {

@@ -651,11 +651,11 @@ def run_quick(args: argparse.Namespace) -> dict[str, Any]:
             return trainer
 
         def dpo_pipeline() -> Any:
-            settings = _loop_args(recipe.dpo, recipe, tmp, tuple(DPO_PIPELINE_KEYS))
+            settings, adapter = _loop_args(recipe.dpo, recipe, tmp, tuple(DPO_PIPELINE_KEYS)), recipe.stage_lora("dpo")
             trainer = LabelledPositionsDPOTrainer(
                 model=fresh_model(), ref_model=None, args=DPOConfig(**settings), train_dataset=fresh(pairs),
-                processing_class=tokenizer, peft_config=lora_config(recipe.stage_lora("dpo")), callbacks=[StepTimer()])
-            set_adapter_dtype(trainer.model, recipe.stage_lora("dpo"))
+                processing_class=tokenizer, peft_config=lora_config(adapter), callbacks=[StepTimer()])
+            set_adapter_dtype(trainer.model, adapter)
             return trainer
 
         bare = fresh_model()

@@ -150,6 +150,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                             "'instruction_id_list' and 'kwargs' fields in data.dpo; none has them.")
 
     mode = recipe.dpo["start"]
+    adapter = recipe.stage_lora("dpo")  # the lora section, with dpo.lora over it (merge only)
     processes = PartialState()  # under `accelerate launch`: the main process merges / generates, the others reuse it
     if mode == "merge":
         with processes.main_process_first():
@@ -158,7 +159,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         model = load_base_model(recipe.model, path=base_path)
         # No trainable-token embeddings here: SFT trained them and they are merged into the weights; TRL's
         # fused LM head (used by DPOTrainer) cannot run through peft's trainable-token wrapper anyway.
-        peft_config = lora_config(recipe.stage_lora("dpo"))
+        peft_config = lora_config(adapter)
     else:  # continue_adapter
         base_path = resolve_model_path(recipe.model["name_or_path"])
         if recipe.lora["train_template_tokens"]:
@@ -193,7 +194,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         peft_config=peft_config,
         callbacks=[StopOnNonFiniteLoss(), *tensorboard_callbacks(args, ctx.stage_dir)],
     )
-    set_adapter_dtype(trainer.model, recipe.stage_lora("dpo"))
+    set_adapter_dtype(trainer.model, adapter)
     metrics, resumed_from = train_with_resume(trainer, ctx.stage_dir)
     save_stage_model(trainer, tokenizer, ctx.stage_dir, base_path)
     ctx.extra.update(start=mode, base_model=base_path, resumed_from_step=resumed_from,
