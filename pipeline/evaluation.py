@@ -262,6 +262,12 @@ def prompt_clusters(prompts: Sequence[dict[str, Any]]) -> list[Hashable]:
     return [row.get("source_id") or row.get("key") or i for i, row in enumerate(prompts)]
 
 
+def pair_clusters(pairs: Sequence[dict[str, Any]]) -> list[Hashable]:
+    """The bootstrap unit of each preference pair: its held-out source question where one is named (pairs built
+    from one question move together, as prompts do), else the pair itself."""
+    return [pair.get("source_id") or i for i, pair in enumerate(pairs)]
+
+
 def pair_groups(pairs: Sequence[dict[str, Any]]) -> list[str]:
     """Each eval pair's group for ``by_pairs``: ``constraint`` when its prompt carries checkable constraints,
     else ``general`` (answer quality: rambling, loops, wrong answers)."""
@@ -279,6 +285,7 @@ def pair_rows(pairs: Sequence[dict[str, Any]], policy: Sequence[tuple[float, flo
                                                             strict=True)):
         text = json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], ensure_ascii=False, sort_keys=True)
         rows.append({"pair": i, "id": hashlib.sha256(text.encode()).hexdigest()[:16], "group": group,
+                     **({"source_id": pair["source_id"]} if pair.get("source_id") else {}),
                      "prompt": pair["prompt"][-1]["content"],
                      "logp_chosen": round(c, 4), "logp_rejected": round(r, 4),
                      "ref_logp_chosen": round(rc, 4), "ref_logp_rejected": round(rr, 4),

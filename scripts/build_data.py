@@ -17,6 +17,9 @@ Where it sits: offline, before any recipe runs. Inputs are the hand-written trai
                               types, phrasings no training row uses) or ``unseen_type`` (a type no training row
                               asks for), in the ``split`` field;
 - ``eval_preferences.jsonl``  the same kinds of pairs, built only from held-out prompts;
+- ``eval_prompts_large.jsonl``, ``eval_preferences_large.jsonl``  the two above, unchanged, then more of the same:
+                              every held-out prompt's missing unseen split, and twice the pairs (each row naming its
+                              held-out prompt in ``source_id``), for narrower intervals (docs/evaluation.md);
 - ``sft_broad.jsonl``, ``preferences_broad.jsonl``  SFT rows and constraint pairs of the training-only types
                               (``pipeline.data.constraints.TRAINING_ONLY``: not IFEval's, never evaluated); not
                               in the quickstart (measured: docs/experiments.md).
@@ -501,28 +504,74 @@ def quality_pairs(pool: Sequence[Example], quota: dict[str, int], rng: random.Ra
 # --------------------------------------------------------------------------------------------------
 
 
+def _eval_prompt(ex: Example, split: str, counts: Counter, rng: random.Random, key: int) -> dict | None:
+    """One IFEval-style prompt of ``split`` for ``ex``, its least-used possible primary type first; None if none
+    applies. ``counts`` (instructions per type so far) is updated."""
+    primaries, phrasings = {"seen": (TYPES, "train"), "unseen_phrasing": (TYPES, "heldout"),
+                            "unseen_type": (HELD_OUT_TYPES, "train")}[split]
+    for primary in sorted(primaries, key=lambda t: (counts[t], rng.random())):
+        made = constrain(ex, primary, counts, rng, phrasings)
+        if made is None:
+            continue
+        counts.update(made.ids)
+        row = {"key": key, "prompt": made.prompt, "instruction_id_list": made.ids, "kwargs": made.kwargs,
+               "split": split, "phrasing": made.phrasing}
+        if made.response is not None:  # check-only types (response language) have no reference answer
+            row["reference"] = made.response
+        return {**row, "source_id": ex.id, "category": ex.category}
+    return None
+
+
+def _unseen_split(number: int) -> str:
+    """The unseen split of held-out example ``number`` in ``eval_prompts.jsonl`` (they alternate)."""
+    return "unseen_phrasing" if number % 2 == 0 else "unseen_type"
+
+
 def build_eval_prompts(heldout: Sequence[Example], rng: random.Random) -> list[dict]:
     """Two IFEval-style prompts per held-out example: a ``seen`` one (trained types and phrasings) and an unseen
     one, alternately ``unseen_phrasing`` (trained types, held-out phrasings) and ``unseen_type`` (a held-out type
     first). Least-used types go first so all are covered; both prompts of an example are adjacent."""
     counts: Counter = Counter()
-    rows = []
-    plans = [("seen", TYPES, "train")]
+    rows: list[dict] = []
     for number, ex in enumerate(heldout):
-        unseen = ("unseen_phrasing", TYPES, "heldout") if number % 2 == 0 else ("unseen_type", HELD_OUT_TYPES, "train")
-        for split, primaries, phrasings in [*plans, unseen]:
-            for primary in sorted(primaries, key=lambda t: (counts[t], rng.random())):
-                made = constrain(ex, primary, counts, rng, phrasings)
-                if made is None:
-                    continue
-                counts.update(made.ids)
-                row = {"key": len(rows) + 1, "prompt": made.prompt, "instruction_id_list": made.ids,
-                       "kwargs": made.kwargs, "split": split, "phrasing": made.phrasing}
-                if made.response is not None:  # check-only types (response language) have no reference answer
-                    row["reference"] = made.response
-                rows.append({**row, "source_id": ex.id, "category": ex.category})
-                break
+        for split in ("seen", _unseen_split(number)):
+            row = _eval_prompt(ex, split, counts, rng, len(rows) + 1)
+            if row is not None:
+                rows.append(row)
     return rows
+
+
+def build_eval_prompts_large(heldout: Sequence[Example], base: Sequence[dict], rng: random.Random) -> list[dict]:
+    """``base`` (``eval_prompts.jsonl``, unchanged and first) plus, per held-out example, a prompt of the unseen
+    split it lacks there: both unseen splits then have one prompt per held-out question, twice the prompts of
+    ``eval_prompts.jsonl`` (narrower intervals, at about 1.5x the eval's time)."""
+    counts = Counter(t for row in base for t in row["instruction_id_list"])
+    rows = list(base)
+    for number, ex in enumerate(heldout):
+        other = "unseen_type" if _unseen_split(number) == "unseen_phrasing" else "unseen_phrasing"
+        row = _eval_prompt(ex, other, counts, rng, len(rows) + 1)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def eval_pairs(heldout: Sequence[Example], rng: random.Random, scale: int, tag: str) -> list[dict]:
+    """Held-out preference pairs: ``scale`` x ``N_EVAL_CONSTRAINT_PAIRS`` constraint pairs (any phrasing) and
+    ``scale`` x the eval quota of quality pairs (``QUALITY_QUOTA``)."""
+    pool = list(heldout)
+    rng.shuffle(pool)
+    return (constraint_pairs(pool, scale * N_EVAL_CONSTRAINT_PAIRS, rng, least_used(rng), tag, phrasings="any")
+            + quality_pairs(heldout, {k: scale * v[1] for k, v in QUALITY_QUOTA.items()}, rng, tag))
+
+
+def build_eval_preferences_large(heldout: Sequence[Example], base: Sequence[dict], rng: random.Random) -> list[dict]:
+    """``base`` (``eval_preferences.jsonl``, unchanged and first) plus twice as many new pairs of the same kinds
+    (none repeating a base pair); every row names its held-out question in ``source_id``, so that the bootstrap
+    resamples questions, not pairs (pairs on one question move together)."""
+    seen = {json.dumps([r["prompt"], r["chosen"], r["rejected"]]) for r in base}
+    extra = [r for r in eval_pairs(heldout, rng, 2, "evalpref2")
+             if json.dumps([r["prompt"], r["chosen"], r["rejected"]]) not in seen]
+    return [{**row, "source_id": row["id"].split("/")[0]} for row in [*base, *extra]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -575,7 +624,7 @@ def _top_up(rows: Sequence[dict], constraint: Sequence[dict], n: int) -> list[di
 
 
 def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
-    """All five derived files as rows (not written); each has its own RNG stream derived from ``seed``."""
+    """All derived files as rows (not written); each has its own RNG stream derived from ``seed``."""
     training = load_training(data_dir / "instructions.jsonl")
     training_prompts = [m["content"] for ex in training for m in ex.context if m["role"] == "user"]
     heldout_all = load_heldout(data_dir / "heldout_prompts.jsonl")
@@ -587,11 +636,9 @@ def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
         return random.Random(f"{seed}:{name}")
 
     single = [ex for ex in training if ex.single_turn]
-    pref_rng, eval_pref_rng = stream("preferences"), stream("eval_preferences")
+    pref_rng = stream("preferences")
     pool = list(single)
     pref_rng.shuffle(pool)
-    eval_pool = list(heldout)
-    eval_pref_rng.shuffle(eval_pool)
     preferences = constraint_pairs(pool, N_CONSTRAINT_PAIRS, pref_rng, round_robin(), "pref") + quality_pairs(
         training, {k: v[0] for k, v in QUALITY_QUOTA.items()}, pref_rng, "pref")
     loop_pool = list(single)
@@ -602,6 +649,8 @@ def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
     stream("preferences-order").shuffle(preferences)
     broad_pool = list(single)
     stream("broad_pool").shuffle(broad_pool)
+    eval_prompts = build_eval_prompts(heldout, stream("eval_prompts"))
+    eval_preferences = eval_pairs(heldout, stream("eval_preferences"), 1, "evalpref")
     return {
         "sft_constraints.jsonl": build_sft(training, stream("sft")),
         "sft_broad.jsonl": build_sft(training, stream("sft_broad"), N_BROAD_SFT, BROAD_TYPES, "broad"),
@@ -609,10 +658,11 @@ def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
                                                     round_robin(BROAD_TYPES), "broadpref"),
         "preferences.jsonl": preferences,
         "preferences_quickstart.jsonl": quickstart_mix(preferences, seed),
-        "eval_prompts.jsonl": build_eval_prompts(heldout, stream("eval_prompts")),
-        "eval_preferences.jsonl": constraint_pairs(eval_pool, N_EVAL_CONSTRAINT_PAIRS, eval_pref_rng,
-                                                   least_used(eval_pref_rng), "evalpref", phrasings="any")
-        + quality_pairs(heldout, {k: v[1] for k, v in QUALITY_QUOTA.items()}, eval_pref_rng, "evalpref"),
+        "eval_prompts.jsonl": eval_prompts,
+        "eval_preferences.jsonl": eval_preferences,
+        "eval_prompts_large.jsonl": build_eval_prompts_large(heldout, eval_prompts, stream("eval_prompts_large")),
+        "eval_preferences_large.jsonl": build_eval_preferences_large(heldout, eval_preferences,
+                                                                     stream("eval_preferences_large")),
     }
 
 

@@ -9,7 +9,8 @@ difference is a real gain:
     python scripts/compare_runs.py runs/quickstart runs/variant --model dpo
     python scripts/compare_runs.py runs/quickstart runs/variant --model sft --prompts data/eval_prompts.jsonl
 
-Both runs must have evaluated the same prompt file (the generations are matched by prompt key). Where both runs
+Both runs must have evaluated the same prompt file (the generations are matched by prompt key; by default the file
+the first run's eval manifest names). Where both runs
 wrote ``eval/pairs_<model>.jsonl``, held-out preference accuracy is compared on the same pairs as well; where both
 wrote ``eval/heldout_<model>.jsonl``, the held-out loss of the reference answers on the same answers. The training
 seed moves these metrics too (docs/experiments.md): compare two seeds of each before believing a variant.
@@ -31,6 +32,7 @@ from pipeline.evaluation import (  # noqa: E402
     bootstrap_metrics,
     load_prompts,
     loss_items,
+    pair_clusters,
     pair_outcome_items,
     prompt_clusters,
     prompt_items,
@@ -72,7 +74,7 @@ def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tu
     if all(pairs.values()):  # both runs ranked held-out pairs: compare preference accuracy on the same pairs too
         if [r["id"] for r in pairs[names[0]]] != [r["id"] for r in pairs[names[1]]]:
             raise SystemExit("the runs' pairs_*.jsonl hold different preference pairs: they cannot be paired")
-        groups.append((list(range(len(pairs[names[0]]))), {n: _pair_items(pairs[n]) for n in names}))
+        groups.append((pair_clusters(pairs[names[0]]), {n: _pair_items(pairs[n]) for n in names}))
     heldout = {name: read_scores(Path(name), "heldout", model) for name in names}
     if all(heldout.values()):  # both runs scored the reference answers: compare the held-out loss on the same ones
         if [r["id"] for r in heldout[names[0]]] != [r["id"] for r in heldout[names[1]]]:
@@ -92,14 +94,25 @@ def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tu
     return rows
 
 
+def prompts_of(run: Path) -> str:
+    """The eval prompt file ``run``'s eval stage used (its manifest's config), else the shipped one."""
+    try:
+        manifest = json.loads((run / "eval" / "manifest.json").read_text(encoding="utf-8"))
+        return str(manifest["config"]["eval"]["prompts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "data/eval_prompts.jsonl"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("first", type=Path, help="a run's output_dir (the reference)")
     parser.add_argument("second", type=Path, help="another run's output_dir (the variant)")
     parser.add_argument("--model", default="dpo", help="which evaluated model to compare (base, sft, dpo)")
-    parser.add_argument("--prompts", default="data/eval_prompts.jsonl", help="the eval prompt file both runs used")
+    parser.add_argument("--prompts", default=None,
+                        help="the eval prompt file both runs used (default: the one the first run's eval "
+                             "manifest names, else data/eval_prompts.jsonl)")
     args = parser.parse_args(argv)
-    rows = compare(args.first, args.second, args.model, args.prompts)
+    rows = compare(args.first, args.second, args.model, args.prompts or prompts_of(args.first))
     print(f"{args.model}: {args.first} → {args.second} (paired bootstrap over the same prompts, 95 % intervals)")
     print(f"| metric | {args.first} | {args.second} | difference |\n|---|---|---|---|")
     for key, a, b, diff in rows:

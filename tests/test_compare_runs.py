@@ -67,10 +67,36 @@ def _two_runs(tmp_path: Path) -> tuple[Path, Path, Path]:
     return prompts, _run(tmp_path, "a", [True, False], keys), _run(tmp_path, "b", [True, False], keys)
 
 
-def _pairs(run: Path, right: list[bool], prompt: str = "Q{i}") -> None:
+def _pairs(run: Path, right: list[bool], prompt: str = "Q{i}", per_question: int = 0) -> None:
+    """``per_question``: name a source question for every ``per_question`` consecutive pairs (0: none)."""
     _write(run / "eval" / "pairs_dpo.jsonl", [
         {"pair": i, "id": prompt.format(i=i), "group": "constraint" if i % 2 else "general", "prompt": "?",
+         **({"source_id": f"h{i // per_question}"} if per_question else {}),
          "implicit_reward_correct": ok, "likelihood_correct": True} for i, ok in enumerate(right)])
+
+
+def test_pairs_naming_their_question_are_resampled_by_question(tmp_path: Path) -> None:
+    prompts, first, second = _two_runs(tmp_path)
+    compare = _compare_runs()
+
+    def interval(per_question: int) -> str:
+        _pairs(first, [i < 30 for i in range(60)], per_question=per_question)
+        _pairs(second, [i < 40 for i in range(60)], per_question=per_question)  # 10 more pairs right, all in a row
+        rows = {key: diff for key, _, _, diff in compare.compare(first, second, "dpo", str(prompts))}
+        return rows["implicit_reward_acc"]
+
+    # as 60 independent pairs, 10 more right is a real gain; as 6 questions of 10 pairs that move together, one
+    # question's worth of gain is not
+    assert interval(0).endswith("better")
+    assert interval(10).endswith("within noise")
+
+
+def test_the_prompt_file_defaults_to_the_one_the_first_run_evaluated(tmp_path: Path) -> None:
+    compare = _compare_runs()
+    run = tmp_path / "run"
+    assert compare.prompts_of(run) == "data/eval_prompts.jsonl"
+    _write(run / "eval" / "manifest.json", [{"config": {"eval": {"prompts": "data/eval_prompts_large.jsonl"}}}])
+    assert compare.prompts_of(run) == "data/eval_prompts_large.jsonl"
 
 
 def test_preference_accuracy_is_compared_on_the_same_pairs_when_both_runs_ranked_them(tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ import pytest
 from conftest import write_jsonl
 
 from pipeline.config import validate_recipe
+from pipeline.data.formats import load_preference_examples
 from pipeline.errors import PipelineError
-from pipeline.evaluation import score_generations
+from pipeline.evaluation import pair_clusters, score_generations
 from pipeline.runner import run_recipe
+from pipeline.stages.evaluate import _add_pair_sources
 
 PROMPTS = [
     {"key": 1, "prompt": "Describe the sea. Answer in all lowercase letters.", "split": "seen", "source_id": "h1",
@@ -127,13 +129,27 @@ def test_a_bad_eval_preference_file_stops_the_recipe_before_training(tiny_recipe
     assert not (Path(tiny_recipe["output_dir"]) / "prepare").exists()  # nothing ran
 
 
-PAIRS = [  # held-out preference pairs: two whose prompt carries a constraint, one without
+PAIRS = [  # held-out preference pairs: two whose prompt carries a constraint, one without; two from one question
     {"prompt": "Describe the sea. Answer in all lowercase letters.", "chosen": "the sea is wide.",
-     "rejected": "The Sea is wide.", "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]},
+     "rejected": "The Sea is wide.", "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}],
+     "source_id": "h1"},
     {"prompt": "Say hi. Do not use any commas.", "chosen": "Hi there.", "rejected": "Hi, there.",
-     "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
-    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Blue blue blue blue blue blue."},
+     "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}], "source_id": "h2"},
+    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Blue blue blue blue blue blue.", "source_id": "h2"},
 ]
+
+
+def test_pairs_of_a_file_naming_their_questions_are_resampled_by_question(tmp_path):
+    named = write_jsonl(tmp_path / "named.jsonl", PAIRS)
+    pairs, _ = load_preference_examples([{"path": str(named)}])
+    _add_pair_sources(str(named), pairs)
+    assert pair_clusters(pairs) == ["h1", "h2", "h2"]
+    # one row without a name: the rows are not all matched, so every pair is its own unit (as without names)
+    partly = write_jsonl(tmp_path / "partly.jsonl", [*PAIRS[:2], {k: v for k, v in PAIRS[2].items()
+                                                                    if k != "source_id"}])
+    pairs, _ = load_preference_examples([{"path": str(partly)}])
+    _add_pair_sources(str(partly), pairs)
+    assert pair_clusters(pairs) == [0, 1, 2]
 
 
 def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):
@@ -177,6 +193,7 @@ def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):
     for name in ("sft", "dpo"):  # each pair's outcome, for a look at the misses and for compare_runs
         ranked = [json.loads(line) for line in (out / f"pairs_{name}.jsonl").read_text().splitlines()]
         assert [r["group"] for r in ranked] == ["constraint", "constraint", "general"]
+        assert [r["source_id"] for r in ranked] == ["h1", "h2", "h2"]  # compare_runs resamples by them too
         assert len({r["id"] for r in ranked}) == 3
         right = sum(r["implicit_reward_correct"] for r in ranked) / 3
         assert right == pytest.approx(metrics[name]["implicit_reward_acc"], abs=1e-3)

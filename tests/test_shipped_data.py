@@ -21,7 +21,10 @@ from pipeline.errors import DataError
 DATA = Path(__file__).resolve().parents[1] / "data"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_data.py"
 DERIVED = ["sft_constraints.jsonl", "preferences.jsonl", "preferences_quickstart.jsonl", "eval_prompts.jsonl",
-           "eval_preferences.jsonl", "sft_broad.jsonl", "preferences_broad.jsonl"]
+           "eval_preferences.jsonl", "sft_broad.jsonl", "preferences_broad.jsonl", "eval_prompts_large.jsonl",
+           "eval_preferences_large.jsonl"]
+EVAL_PROMPTS = ["eval_prompts.jsonl", "eval_prompts_large.jsonl"]
+EVAL_PAIRS = ["eval_preferences.jsonl", "eval_preferences_large.jsonl"]
 
 
 def read(name: str) -> list[dict]:
@@ -78,7 +81,8 @@ def text_of(row: dict) -> str:
 
 
 @pytest.mark.parametrize("name, constraint_pairs, loop_pairs, quality_pairs", [
-    ("preferences.jsonl", (280, 320), (70, 80), (140, 160)), ("eval_preferences.jsonl", (25, 35), (0, 0), (25, 35))])
+    ("preferences.jsonl", (280, 320), (70, 80), (140, 160)), ("eval_preferences.jsonl", (25, 35), (0, 0), (25, 35)),
+    ("eval_preferences_large.jsonl", (85, 90), (0, 0), (85, 90))])
 def test_preference_files_use_trl_conversational_format(files, name, constraint_pairs, loop_pairs, quality_pairs):
     rows = files[name]
     kinds = Counter(r["kind"] for r in rows)
@@ -119,12 +123,12 @@ def test_no_row_is_duplicated(files, name):
     assert len(set(bodies)) == len(bodies)
 
 
-@pytest.mark.parametrize("name", ["preferences.jsonl", "eval_preferences.jsonl", "preferences_broad.jsonl"])
+@pytest.mark.parametrize("name", ["preferences.jsonl", *EVAL_PAIRS, "preferences_broad.jsonl"])
 def test_every_preference_pair_has_chosen_different_from_rejected(files, name):
     assert all(r["chosen"][0]["content"] != r["rejected"][0]["content"] for r in files[name])
 
 
-@pytest.mark.parametrize("name", ["preferences.jsonl", "eval_preferences.jsonl", "preferences_broad.jsonl"])
+@pytest.mark.parametrize("name", ["preferences.jsonl", *EVAL_PAIRS, "preferences_broad.jsonl"])
 def test_constraint_pairs_chosen_passes_every_check_and_rejected_fails_one(files, name):
     for row in (r for r in files[name] if r["kind"] == "constraint"):
         ids, kwargs, prompt = row["instruction_id_list"], row["kwargs"], row["prompt"][-1]["content"]
@@ -153,8 +157,9 @@ def test_quality_pairs_chosen_is_the_reference_answer(files, instructions):
         assert row["chosen"][0]["content"] == source["messages"][-1]["content"]
 
 
-def test_eval_prompts_are_ifeval_format_with_compliant_references(files):
-    rows = files["eval_prompts.jsonl"]
+@pytest.mark.parametrize("name", EVAL_PROMPTS)
+def test_eval_prompts_are_ifeval_format_with_compliant_references(files, name):
+    rows = files[name]
     assert len(rows) >= 240
     assert sorted(r["key"] for r in rows) == list(range(1, len(rows) + 1))
     for row in rows:
@@ -179,8 +184,9 @@ def test_every_heldout_question_gives_one_seen_and_one_unseen_eval_prompt(files)
     assert counts["unseen_phrasing"] >= 50 and counts["unseen_type"] >= 50
 
 
-def test_split_labels_match_the_types_and_phrasings_each_eval_prompt_uses(files, build_data):
-    for row in files["eval_prompts.jsonl"]:
+@pytest.mark.parametrize("name", EVAL_PROMPTS)
+def test_split_labels_match_the_types_and_phrasings_each_eval_prompt_uses(files, build_data, name):
+    for row in files[name]:
         held_out_phrasing = []
         for instruction_id, kwargs, index in zip(row["instruction_id_list"], row["kwargs"], row["phrasing"],
                                                   strict=True):
@@ -194,6 +200,20 @@ def test_split_labels_match_the_types_and_phrasings_each_eval_prompt_uses(files,
             assert not any(types_held_out) and all(held_out_phrasing), row["key"]
         else:
             assert row["split"] == "seen" and not any(types_held_out) and not any(held_out_phrasing), row["key"]
+
+
+def test_the_large_eval_files_extend_the_shipped_ones_with_every_question_in_both_unseen_splits(files):
+    base, large = files["eval_prompts.jsonl"], files["eval_prompts_large.jsonl"]
+    assert large[:len(base)] == base  # the quickstart's prompts, unchanged: its runs pair with large-set runs
+    by_source: dict[str, list[str]] = {}
+    for row in large:
+        by_source.setdefault(row["source_id"], []).append(row["split"])
+    assert len(by_source) == len(files["heldout_prompts.jsonl"])
+    assert all(sorted(splits) == ["seen", "unseen_phrasing", "unseen_type"] for splits in by_source.values())
+    pairs, large_pairs = files["eval_preferences.jsonl"], files["eval_preferences_large.jsonl"]
+    assert [{k: v for k, v in r.items() if k != "source_id"} for r in large_pairs[:len(pairs)]] == pairs
+    assert len(large_pairs) >= 2.9 * len(pairs)
+    assert all(r["source_id"] == source_of(r["id"]) for r in large_pairs)  # the bootstrap resamples questions
 
 
 def test_every_constraint_type_appears_at_least_five_times_in_eval(files):
@@ -228,10 +248,10 @@ def training_base_prompts(files, instructions) -> list[str]:
 def eval_base_prompts(files) -> list[str]:
     heldout = {r["id"]: r["prompt"] for r in files["heldout_prompts.jsonl"]}
     prompts = []
-    for row in files["eval_prompts.jsonl"]:
+    for row in files["eval_prompts_large.jsonl"]:  # the shipped eval prompts and more
         assert heldout[row["source_id"]] in row["prompt"]
         prompts.append(heldout[row["source_id"]])
-    for row in files["eval_preferences.jsonl"]:
+    for row in files["eval_preferences.jsonl"] + files["eval_preferences_large.jsonl"]:
         base = heldout[source_of(row["id"])]
         assert base in row["prompt"][-1]["content"]
         prompts.append(base)
@@ -309,8 +329,10 @@ def test_training_prompts_vary_phrasing_and_position(files, build_data):
 
 def test_eval_rows_come_only_from_heldout_ids(files, instructions):
     heldout = {r["id"] for r in files["heldout_prompts.jsonl"]}
-    assert {r["source_id"] for r in files["eval_prompts.jsonl"]} <= heldout
-    assert {source_of(r["id"]) for r in files["eval_preferences.jsonl"]} <= heldout
+    for name in EVAL_PROMPTS:
+        assert {r["source_id"] for r in files[name]} <= heldout
+    for name in EVAL_PAIRS:
+        assert {source_of(r["id"]) for r in files[name]} <= heldout
     assert not heldout & set(instructions)
 
 

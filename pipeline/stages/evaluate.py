@@ -17,6 +17,7 @@ Each model scores the held-out pairs once, adapter merged, and serves as the nex
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ from datasets import load_from_disk
 
 from pipeline import memory
 from pipeline.artifacts import atomic_write_json, atomic_write_text
-from pipeline.data.formats import load_preference_examples
-from pipeline.errors import PipelineError
+from pipeline.data.formats import load_preference_examples, read_jsonl
+from pipeline.errors import DataError, PipelineError
 from pipeline.eval_report import render_report
 from pipeline.evaluation import (
     bootstrap_metrics,
@@ -36,6 +37,7 @@ from pipeline.evaluation import (
     load_prompts,
     loss_items,
     mean_nll,
+    pair_clusters,
     pair_groups,
     pair_items,
     pair_logps,
@@ -164,8 +166,26 @@ def _held_out(prepared: Path, split: str) -> list[dict]:
     return list(rows.select(range(min(MAX_HELDOUT_ROWS, len(rows)))))
 
 
-def eval_inputs(recipe: Any, prepared: Path, tokenizer: Any) -> tuple[list[dict], list[list[dict]], list[dict]]:
-    """What the stage evaluates: the prompts, the held-out conversations it scores and the preference pairs."""
+def _add_pair_sources(path: str, pairs: list[dict]) -> None:
+    """Copy each row's ``source_id`` (the held-out question a pair was built from, where the file names one) onto
+    its normalised pair, so that the bootstrap resamples questions (``pair_clusters``). Only when the file is a
+    local JSONL whose every row names one and was kept: otherwise the pairs cannot be matched to rows, and each
+    pair is its own unit."""
+    if not Path(path).is_file():
+        return
+    try:
+        rows = [row for _, row in read_jsonl(path)]
+    except DataError:
+        return
+    if len(rows) == len(pairs) and all(isinstance(r, dict) and isinstance(r.get("source_id"), str) for r in rows):
+        for pair, row in zip(pairs, rows, strict=True):
+            pair["source_id"] = row["source_id"]
+
+
+def eval_inputs(recipe: Any, prepared: Path, tokenizer: Any, log: Callable[[str], None] | None = None
+                ) -> tuple[list[dict], list[list[dict]], list[dict]]:
+    """What the stage evaluates: the prompts, the held-out conversations it scores and the preference pairs
+    (``log`` hears of pairs left out by ``eval.max_pairs``)."""
     cfg = recipe.eval
     if not cfg["prompts"]:
         raise PipelineError("eval.prompts must name a JSONL of held-out prompts (IFEval-style).")
@@ -177,8 +197,11 @@ def eval_inputs(recipe: Any, prepared: Path, tokenizer: Any) -> tuple[list[dict]
         conversations = [row["messages"] for row in _held_out(prepared, "sft_eval")]
     if cfg["preferences"]:
         pairs, _ = load_preference_examples([{"path": cfg["preferences"]}], control_tokens=control_tokens(tokenizer))
+        _add_pair_sources(cfg["preferences"], pairs)
     else:
         pairs = _held_out(prepared, "dpo_eval")
+    if log is not None and cfg["max_pairs"] is not None and len(pairs) > cfg["max_pairs"]:
+        log(f"  preference accuracy on the first {cfg['max_pairs']} of {len(pairs)} held-out pairs (eval.max_pairs)")
     return prompts, conversations[:MAX_HELDOUT_ROWS], pairs[: cfg["max_pairs"]]
 
 
@@ -192,7 +215,7 @@ def _add_intervals(ctx: StageContext, metrics: dict[str, dict], prompts: list[di
     scored = [n for n in names if n in REFERENCE and n in logps and REFERENCE[n] in logps]
     kinds = pair_groups(pairs)
     if pairs and scored:
-        groups.append((list(range(len(pairs))), {n: pair_items(logps[n], logps[REFERENCE[n]], kinds)
+        groups.append((pair_clusters(pairs), {n: pair_items(logps[n], logps[REFERENCE[n]], kinds)
                                                  for n in scored}))
     if losses:
         groups.append((list(range(len(next(iter(losses.values()))))), {n: loss_items(v) for n, v in losses.items()}))
@@ -213,7 +236,7 @@ def _add_intervals(ctx: StageContext, metrics: dict[str, dict], prompts: list[di
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.recipe.eval
     tokenizer = load_tokenizer(ctx.recipe.model)  # about 6 s for gemma's: loaded once, for every model's cache key
-    prompts, conversations, pairs = eval_inputs(ctx.recipe, ctx.upstream_dir("prepare"), tokenizer)
+    prompts, conversations, pairs = eval_inputs(ctx.recipe, ctx.upstream_dir("prepare"), tokenizer, log=print)
     # In pipeline order, so each reference is scored before the stage that uses it.
     names = [n for n in ("base", "sft", "dpo") if n in cfg["models"] and (n == "base" or n in ctx.upstream)]
     needed = {n for n in names if n in REFERENCE} | {REFERENCE[n] for n in names if n in REFERENCE}
