@@ -9,9 +9,9 @@ difference is a real gain:
     python scripts/compare_runs.py runs/quickstart runs/variant --model dpo
     python scripts/compare_runs.py runs/quickstart runs/variant --model sft --prompts data/eval_prompts.jsonl
 
-Both runs must have evaluated the same prompt file (the generations are matched by prompt key; by default the file
-the first run's eval manifest names). Where both runs
-wrote ``eval/pairs_<model>.jsonl``, held-out preference accuracy is compared on the same pairs as well; where both
+Both runs must have answered every prompt of one prompt file (the generations are matched by prompt key; by default
+the file the first run's eval manifest names). Where both runs
+wrote ``eval/pairs_<model>.jsonl``, held-out preference accuracy is compared on the pairs both ranked; where both
 wrote ``eval/heldout_<model>.jsonl``, the held-out loss of the reference answers on the same answers. The training
 seed moves these metrics too (docs/experiments.md): compare two seeds of each before believing a variant.
 """
@@ -47,7 +47,8 @@ def read_generations(run: Path, model: str, prompts: list[dict]) -> list[dict]:
     missing = [p["key"] for p in prompts if p["key"] not in by_key]
     if missing:
         raise SystemExit(f"{path} has no answer for {len(missing)} of {len(prompts)} prompts (first: "
-                         f"{missing[0]!r}): the runs evaluated different prompt files")
+                         f"{missing[0]!r}): the runs evaluated different prompt files; --prompts names one both answered "
+                         "(a run on the larger set answered every prompt of data/eval_prompts.jsonl)")
     return [by_key[p["key"]] for p in prompts]
 
 
@@ -64,6 +65,19 @@ def _pair_items(rows: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
                                "likelihood_acc": [r["likelihood_correct"] for r in rows]}, [r["group"] for r in rows])
 
 
+def common_pairs(pairs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Each run's rows of the pairs both runs ranked, in the first run's order: a run on the larger eval set
+    (docs/evaluation.md) pairs with one on the shipped set on the shipped set's pairs, its first rows."""
+    first, second = pairs.values()
+    by_id = {row["id"]: row for row in second}
+    kept = [row for row in first if row["id"] in by_id]
+    if not kept:
+        raise SystemExit("the runs' pairs_*.jsonl hold different preference pairs: they cannot be paired")
+    if len(kept) < max(len(first), len(second)):
+        print(f"preference accuracy on the {len(kept)} pairs both runs ranked ({len(first)} and {len(second)})")
+    return {name: rows for name, rows in zip(pairs, (kept, [by_id[row["id"]] for row in kept]), strict=True)}
+
+
 def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tuple[str, float, float, str]]:
     """``(metric, first value, second value − first value with its interval and verdict)`` per metric."""
     prompts = load_prompts(prompts_path)
@@ -72,8 +86,7 @@ def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tu
     groups = [(prompt_clusters(prompts), items)]
     pairs = {name: read_scores(Path(name), "pairs", model) for name in names}
     if all(pairs.values()):  # both runs ranked held-out pairs: compare preference accuracy on the same pairs too
-        if [r["id"] for r in pairs[names[0]]] != [r["id"] for r in pairs[names[1]]]:
-            raise SystemExit("the runs' pairs_*.jsonl hold different preference pairs: they cannot be paired")
+        pairs = common_pairs(pairs)
         groups.append((pair_clusters(pairs[names[0]]), {n: _pair_items(pairs[n]) for n in names}))
     heldout = {name: read_scores(Path(name), "heldout", model) for name in names}
     if all(heldout.values()):  # both runs scored the reference answers: compare the held-out loss on the same ones

@@ -110,6 +110,12 @@ def test_preference_accuracy_is_compared_on_the_same_pairs_when_both_runs_ranked
     assert (a, b) == (pytest.approx(0.5), pytest.approx(1.0)) and diff.endswith("better")
     assert rows["likelihood_acc"][2].startswith("+0.000 [+0.000, +0.000]")
     assert rows["by_pairs/general/implicit_reward_acc"][:2] == (pytest.approx(0.5), pytest.approx(1.0))
+    _pairs(second, [True] * 90)  # a run on a larger set of pairs: paired on the 60 both ranked
+    assert {key: (a, b) for key, a, b, _ in compare.compare(first, second, "dpo", str(prompts))}[
+        "implicit_reward_acc"] == (pytest.approx(0.5), pytest.approx(1.0))
+    _pairs(first, [True] * 60 + [False] * 30)
+    assert {key: (a, b) for key, a, b, _ in compare.compare(first, second, "dpo", str(prompts))}[
+        "implicit_reward_acc"] == (pytest.approx(2 / 3), pytest.approx(1.0))
     _pairs(second, [True] * 60, prompt="another question {i}")
     with pytest.raises(SystemExit, match="different preference pairs"):
         compare.compare(first, second, "dpo", str(prompts))
