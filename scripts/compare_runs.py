@@ -65,17 +65,16 @@ def _pair_items(rows: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
                                "likelihood_acc": [r["likelihood_correct"] for r in rows]}, [r["group"] for r in rows])
 
 
-def common_pairs(pairs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+def common_pairs(first: list[dict], second: list[dict]) -> tuple[list[dict], list[dict]]:
     """Each run's rows of the pairs both runs ranked, in the first run's order: a run on the larger eval set
     (docs/evaluation.md) pairs with one on the shipped set on the shipped set's pairs, its first rows."""
-    first, second = pairs.values()
     by_id = {row["id"]: row for row in second}
     kept = [row for row in first if row["id"] in by_id]
     if not kept:
         raise SystemExit("the runs' pairs_*.jsonl hold different preference pairs: they cannot be paired")
     if len(kept) < max(len(first), len(second)):
         print(f"preference accuracy on the {len(kept)} pairs both runs ranked ({len(first)} and {len(second)})")
-    return {name: rows for name, rows in zip(pairs, (kept, [by_id[row["id"]] for row in kept]), strict=True)}
+    return kept, [by_id[row["id"]] for row in kept]
 
 
 def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tuple[str, float, float, str]]:
@@ -86,8 +85,8 @@ def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tu
     groups = [(prompt_clusters(prompts), items)]
     pairs = {name: read_scores(Path(name), "pairs", model) for name in names}
     if all(pairs.values()):  # both runs ranked held-out pairs: compare preference accuracy on the same pairs too
-        pairs = common_pairs(pairs)
-        groups.append((pair_clusters(pairs[names[0]]), {n: _pair_items(pairs[n]) for n in names}))
+        kept = common_pairs(pairs[names[0]], pairs[names[1]])
+        groups.append((pair_clusters(kept[0]), {n: _pair_items(rows) for n, rows in zip(names, kept, strict=True)}))
     heldout = {name: read_scores(Path(name), "heldout", model) for name in names}
     if all(heldout.values()):  # both runs scored the reference answers: compare the held-out loss on the same ones
         if [r["id"] for r in heldout[names[0]]] != [r["id"] for r in heldout[names[1]]]:

@@ -116,6 +116,8 @@ def test_preference_accuracy_is_compared_on_the_same_pairs_when_both_runs_ranked
     _pairs(first, [True] * 60 + [False] * 30)
     assert {key: (a, b) for key, a, b, _ in compare.compare(first, second, "dpo", str(prompts))}[
         "implicit_reward_acc"] == (pytest.approx(2 / 3), pytest.approx(1.0))
+    assert {key: d for key, _, _, d in compare.compare(first, first, "dpo", str(prompts))}[
+        "implicit_reward_acc"].startswith("+0.000 [+0.000, +0.000]")  # a run against itself
     _pairs(second, [True] * 60, prompt="another question {i}")
     with pytest.raises(SystemExit, match="different preference pairs"):
         compare.compare(first, second, "dpo", str(prompts))
