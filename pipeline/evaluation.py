@@ -256,16 +256,11 @@ def prompt_items(prompts: Sequence[dict[str, Any]], outputs: Sequence[dict[str, 
     return items
 
 
-def prompt_clusters(prompts: Sequence[dict[str, Any]]) -> list[Hashable]:
-    """The bootstrap unit of each eval prompt: its held-out source question where the file names one (prompts
-    built from one question move together), else the prompt itself."""
-    return [row.get("source_id") or row.get("key") or i for i, row in enumerate(prompts)]
-
-
-def pair_clusters(pairs: Sequence[dict[str, Any]]) -> list[Hashable]:
-    """The bootstrap unit of each preference pair: its held-out source question where one is named (pairs built
-    from one question move together, as prompts do), else the pair itself."""
-    return [pair.get("source_id") or i for i, pair in enumerate(pairs)]
+def question_clusters(rows: Sequence[dict[str, Any]]) -> list[Hashable]:
+    """The bootstrap unit of each eval prompt or preference pair: its held-out source question where the row names
+    one in ``source_id`` (what is built from one question moves together), else the row itself (a prompt by its
+    ``key``)."""
+    return [row.get("source_id") or row.get("key") or i for i, row in enumerate(rows)]
 
 
 def pair_groups(pairs: Sequence[dict[str, Any]]) -> list[str]:

@@ -32,10 +32,9 @@ from pipeline.evaluation import (  # noqa: E402
     bootstrap_metrics,
     load_prompts,
     loss_items,
-    pair_clusters,
     pair_outcome_items,
-    prompt_clusters,
     prompt_items,
+    question_clusters,
 )
 
 
@@ -82,11 +81,11 @@ def compare(first: Path, second: Path, model: str, prompts_path: str) -> list[tu
     prompts = load_prompts(prompts_path)
     names = [f"{first}", f"{second}"]
     items = {name: prompt_items(prompts, read_generations(Path(name), model, prompts)) for name in names}
-    groups = [(prompt_clusters(prompts), items)]
+    groups = [(question_clusters(prompts), items)]
     pairs = {name: read_scores(Path(name), "pairs", model) for name in names}
     if all(pairs.values()):  # both runs ranked held-out pairs: compare preference accuracy on the same pairs too
         kept = common_pairs(pairs[names[0]], pairs[names[1]])
-        groups.append((pair_clusters(kept[0]), {n: _pair_items(rows) for n, rows in zip(names, kept, strict=True)}))
+        groups.append((question_clusters(kept[0]), {n: _pair_items(rows) for n, rows in zip(names, kept, strict=True)}))
     heldout = {name: read_scores(Path(name), "heldout", model) for name in names}
     if all(heldout.values()):  # both runs scored the reference answers: compare the held-out loss on the same ones
         if [r["id"] for r in heldout[names[0]]] != [r["id"] for r in heldout[names[1]]]:

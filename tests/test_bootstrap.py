@@ -16,8 +16,8 @@ from pipeline.evaluation import (
     nest,
     pair_groups,
     pair_items,
-    prompt_clusters,
     prompt_items,
+    question_clusters,
 )
 
 
@@ -125,13 +125,13 @@ def test_prompt_items_count_prompts_instructions_types_and_splits():
     assert items["per_type_strict/punctuation:no_comma"] == ([1.0, 1.0, 0.0], [1.0, 1.0, 1.0])
     assert items["by_split/seen/prompt_level_strict"] == ([1.0, 0.0, 0.0], [1.0, 0.0, 1.0])
     assert items["by_split/unseen_type/instruction_level_strict"] == ([0.0, 1.0, 0.0], [0.0, 2.0, 0.0])
-    assert prompt_clusters(PROMPTS) == ["h1", "h1", "h2"]
+    assert question_clusters(PROMPTS) == ["h1", "h1", "h2"]
 
 
 def test_bootstrap_metrics_give_every_model_intervals_and_every_later_model_paired_differences():
     base = prompt_items(PROMPTS, outputs([[False], [False, False], [False]], [False, False, False]))
     sft = prompt_items(PROMPTS, outputs([[True], [False, True], [True]], [True, True, True]))
-    intervals, differences = bootstrap_metrics([(prompt_clusters(PROMPTS), {"base": base, "sft": sft})],
+    intervals, differences = bootstrap_metrics([(question_clusters(PROMPTS), {"base": base, "sft": sft})],
                                                ["base", "sft"])
     assert intervals["sft"]["format_compliance"].value == 1.0
     assert set(differences) == {("base", "sft")}

@@ -11,7 +11,7 @@ from conftest import write_jsonl
 from pipeline.config import validate_recipe
 from pipeline.data.formats import load_preference_examples
 from pipeline.errors import PipelineError
-from pipeline.evaluation import pair_clusters, score_generations
+from pipeline.evaluation import question_clusters, score_generations
 from pipeline.runner import run_recipe
 from pipeline.stages.evaluate import _add_pair_sources
 
@@ -143,13 +143,13 @@ def test_pairs_of_a_file_naming_their_questions_are_resampled_by_question(tmp_pa
     named = write_jsonl(tmp_path / "named.jsonl", PAIRS)
     pairs, _ = load_preference_examples([{"path": str(named)}])
     _add_pair_sources(str(named), pairs)
-    assert pair_clusters(pairs) == ["h1", "h2", "h2"]
+    assert question_clusters(pairs) == ["h1", "h2", "h2"]
     # one row without a name: the rows are not all matched, so every pair is its own unit (as without names)
     partly = write_jsonl(tmp_path / "partly.jsonl", [*PAIRS[:2], {k: v for k, v in PAIRS[2].items()
                                                                     if k != "source_id"}])
     pairs, _ = load_preference_examples([{"path": str(partly)}])
     _add_pair_sources(str(partly), pairs)
-    assert pair_clusters(pairs) == [0, 1, 2]
+    assert question_clusters(pairs) == [0, 1, 2]
 
 
 def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):

@@ -37,7 +37,6 @@ from pipeline.evaluation import (
     load_prompts,
     loss_items,
     mean_nll,
-    pair_clusters,
     pair_groups,
     pair_items,
     pair_logps,
@@ -46,8 +45,8 @@ from pipeline.evaluation import (
     plot_model_comparison,
     plot_per_type,
     preference_accuracy,
-    prompt_clusters,
     prompt_items,
+    question_clusters,
     read_loss_history,
     score_generations,
 )
@@ -168,7 +167,7 @@ def _held_out(prepared: Path, split: str) -> list[dict]:
 
 def _add_pair_sources(path: str, pairs: list[dict]) -> None:
     """Copy each row's ``source_id`` (the held-out question a pair was built from, where the file names one) onto
-    its normalised pair, so that the bootstrap resamples questions (``pair_clusters``). Only when the file is a
+    its normalised pair, so that the bootstrap resamples questions (``question_clusters``). Only when the file is a
     local JSONL whose every row names one and was kept: otherwise the pairs cannot be matched to rows, and each
     pair is its own unit."""
     if not Path(path).is_file():
@@ -211,11 +210,11 @@ def _add_intervals(ctx: StageContext, metrics: dict[str, dict], prompts: list[di
     names = list(metrics)
     outputs = {n: [json.loads(x) for x in (ctx.stage_dir / f"generations_{n}.jsonl").read_text().splitlines()]
                for n in names}
-    groups = [(prompt_clusters(prompts), {n: prompt_items(prompts, outputs[n]) for n in names})]
+    groups = [(question_clusters(prompts), {n: prompt_items(prompts, outputs[n]) for n in names})]
     scored = [n for n in names if n in REFERENCE and n in logps and REFERENCE[n] in logps]
     kinds = pair_groups(pairs)
     if pairs and scored:
-        groups.append((pair_clusters(pairs), {n: pair_items(logps[n], logps[REFERENCE[n]], kinds)
+        groups.append((question_clusters(pairs), {n: pair_items(logps[n], logps[REFERENCE[n]], kinds)
                                                  for n in scored}))
     if losses:
         groups.append((list(range(len(next(iter(losses.values()))))), {n: loss_items(v) for n, v in losses.items()}))
