@@ -85,6 +85,13 @@ BROAD_TYPES = sorted(TRAINING_ONLY)
 N_BROAD_SFT, N_BROAD_PAIRS = 250, 25
 # "Stops vs loops" pairs: a constrained prompt, its compliant answer, and that answer collapsing into a loop.
 N_LOOP_PAIRS = 75
+# "Complete vs cut short" pairs: the reference answer against its first sentence alone, in a file of their own. Every
+# quality pair above prefers the shorter answer; these prefer the longer one where the extra words carry the answer.
+# Only categories whose answer needs more than a sentence (a classification, an extraction, a maths result or code
+# can be complete in one), and only answers whose first sentence is at most INCOMPLETE_MAX_SHARE of their words.
+N_COMPLETE_PAIRS = 30
+COMPLETE_CATEGORIES = ("advice", "brainstorm", "compare", "definition", "how_to", "open_qa", "rewrite", "summarize")
+INCOMPLETE_MAX_SHARE = 0.4
 # Quality pairs per kind: (training, held-out).
 QUALITY_QUOTA = {"wrong_number": (25, 5), "wrong_answer": (25, 5), "ramble": (50, 10),
                  "runs_on_turn": (25, 5), "repeats": (25, 5)}
@@ -421,6 +428,31 @@ def ramble(ex: Example, rng: random.Random) -> str:
     return "\n\n".join(parts)
 
 
+def cut_short(ex: Example) -> str | None:
+    """The answer's first sentence alone, when the rest carries most of the answer (see ``COMPLETE_CATEGORIES``)."""
+    if ex.category not in COMPLETE_CATEGORIES or "\n" in ex.answer.strip():  # lists, paragraphs: no single first sentence
+        return None
+    sentences = split_sentences(ex.answer)
+    if len(sentences) < 3 or count_words(sentences[0]) > INCOMPLETE_MAX_SHARE * count_words(ex.answer):
+        return None
+    return sentences[0].strip()
+
+
+def complete_pairs(pool: Sequence[Example], n: int, tag: str) -> list[dict]:
+    """Up to ``n`` pairs, in ``pool`` order, whose chosen answer is the reference and rejected its first sentence."""
+    rows = []
+    for ex in pool:
+        rejected = cut_short(ex) if ex.single_turn else None
+        if rejected is None:
+            continue
+        rows.append({"id": f"{ex.id}/{tag}-complete{len(rows):02d}", "kind": "complete", "prompt": list(ex.context),
+                     "chosen": assistant(ex.answer), "rejected": assistant(rejected),
+                     "instruction_id_list": [], "kwargs": []})
+        if len(rows) == n:
+            break
+    return rows
+
+
 def runs_on_turn(ex: Example, others: Sequence[Example], rng: random.Random) -> str | None:
     """The answer followed by an invented next user turn and the start of a reply to it."""
     options = [o for o in others if o.single_turn and o.id != ex.id]
@@ -649,6 +681,8 @@ def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
     stream("preferences-order").shuffle(preferences)
     broad_pool = list(single)
     stream("broad_pool").shuffle(broad_pool)
+    complete_pool = list(single)
+    stream("complete_pool").shuffle(complete_pool)
     eval_prompts = build_eval_prompts(heldout, stream("eval_prompts"))
     eval_preferences = eval_pairs(heldout, stream("eval_preferences"), 1, "evalpref")
     return {
@@ -657,6 +691,7 @@ def build(data_dir: Path, seed: int = 0) -> dict[str, list[dict]]:
         "preferences_broad.jsonl": constraint_pairs(broad_pool, N_BROAD_PAIRS, stream("preferences_broad"),
                                                     round_robin(BROAD_TYPES), "broadpref"),
         "preferences.jsonl": preferences,
+        "preferences_complete.jsonl": complete_pairs(complete_pool, N_COMPLETE_PAIRS, "pref"),
         "preferences_quickstart.jsonl": quickstart_mix(preferences, seed),
         "eval_prompts.jsonl": eval_prompts,
         "eval_preferences.jsonl": eval_preferences,

@@ -99,10 +99,32 @@ def test_reference_log_probs_equal_trls_for_the_precompute(trainer):
         torch.testing.assert_close(batch["ref_chosen_logps"], expected[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("precompute", [False, True], ids=["reference-forward", "precomputed-reference"])
+def test_ld_dpo_weighting_of_the_longer_answers_tail_equals_trls(tiny_model_dir, tmp_path, precompute):
+    trainer = _build(tiny_model_dir, tmp_path, ld_alpha=0.3, precompute_ref_log_probs=precompute,
+                     loss_type=["sigmoid", "sft"])
+    batch = next(iter(trainer.get_train_dataloader()))
+    lengths = batch["completion_mask"][:, 1:].sum(dim=1)
+    assert not torch.equal(*lengths.chunk(2))  # a pair whose answers differ in length: there is a tail to weight
+    expected = _loss_grads_metrics(trainer, batch, lambda m, b: DPOTrainer.compute_loss(trainer, m, b))
+    ours = _loss_grads_metrics(trainer, batch, trainer.compute_loss)
+    assert trainer.loss_path == "labelled_positions"
+    torch.testing.assert_close(ours[0], expected[0], rtol=1e-5, atol=1e-6)
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(ours[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for key, values in expected[2].items():
+        assert ours[2][key] == pytest.approx(values, rel=1e-4, abs=1e-6), key
+    weighted = trainer.compute_ref_log_probs(trainer.model, dict(batch))
+    for mine, theirs in zip(weighted, DPOTrainer.compute_ref_log_probs(trainer, trainer.model, dict(batch)),
+                            strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    trainer.ld_alpha = None  # the weighting changes the log-probs (so the equality above tested it)
+    assert not torch.allclose(torch.cat(trainer.compute_ref_log_probs(trainer.model, dict(batch))), torch.cat(weighted))
+
+
 @pytest.mark.parametrize(("option", "reason"), [
     ({"loss_type": ["bco_pair"]}, "loss_type \\['bco_pair'\\] is not handled"),
     ({"loss_type": ["sigmoid", "nca_pair"]}, "loss_type \\['nca_pair'\\] is not handled"),
-    ({"ld_alpha": 0.5}, "ld_alpha is not handled"),
     ({"f_divergence_type": "js_divergence"}, "f_divergence_type is not handled"),
     ({"use_weighting": True}, "use_weighting is not handled"),
 ])

@@ -20,7 +20,8 @@ from pipeline.errors import DataError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_data.py"
-DERIVED = ["sft_constraints.jsonl", "preferences.jsonl", "preferences_quickstart.jsonl", "eval_prompts.jsonl",
+DERIVED = ["sft_constraints.jsonl", "preferences.jsonl", "preferences_complete.jsonl", "preferences_quickstart.jsonl",
+           "eval_prompts.jsonl",
            "eval_preferences.jsonl", "sft_broad.jsonl", "preferences_broad.jsonl", "eval_prompts_large.jsonl",
            "eval_preferences_large.jsonl"]
 EVAL_PROMPTS = ["eval_prompts.jsonl", "eval_prompts_large.jsonl"]
@@ -155,6 +156,18 @@ def test_quality_pairs_chosen_is_the_reference_answer(files, instructions):
         source = instructions[source_of(row["id"])]
         assert row["prompt"] == source["messages"][:-1]
         assert row["chosen"][0]["content"] == source["messages"][-1]["content"]
+
+
+def test_complete_pairs_prefer_the_reference_to_its_first_sentence_alone(files, instructions, build_data):
+    rows = files["preferences_complete.jsonl"]
+    assert len(rows) == build_data.N_COMPLETE_PAIRS and {r["kind"] for r in rows} == {"complete"}
+    for row in rows:
+        source = instructions[source_of(row["id"])]
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert row["prompt"] == source["messages"][:-1] and chosen == source["messages"][-1]["content"]
+        assert source["category"] in build_data.COMPLETE_CATEGORIES
+        assert chosen.startswith(rejected) and C.count_sentences(rejected) == 1 < 3 <= C.count_sentences(chosen)
+        assert C.count_words(rejected) <= build_data.INCOMPLETE_MAX_SHARE * C.count_words(chosen)
 
 
 @pytest.mark.parametrize("name", EVAL_PROMPTS)

@@ -10,8 +10,8 @@ a model wrapped for DDP runs its own forward with ``logits_to_keep``, the positi
 then computes the same loss and logs the same metrics as TRL's path.
 
 Only what ``tests/test_fast_dpo_loss.py`` proves equal to TRL (loss *and* gradients, each loss type alone and
-combined, with and without pre-computed reference log-probs) takes this path; any other option falls back to
-TRL's own ``compute_loss`` (``LabelledPositionsDPOTrainer.loss_path`` says which one ran, and a fallback is
+combined, with and without pre-computed reference log-probs, LD-DPO's ``ld_alpha``) takes this path; any other
+option falls back to TRL's own ``compute_loss`` (``LabelledPositionsDPOTrainer.loss_path`` says which one ran, and a fallback is
 printed once with its reason). The equality was checked against TRL ``CHECKED_TRL``; another TRL version
 falls back too.
 """
@@ -50,7 +50,6 @@ def unsupported_reason(args: Any, trl_version: str = trl.__version__) -> str | N
         return f"loss_type {sorted(set(loss_types) - HANDLED_LOSS_TYPES)} is not handled"
     checks = {
         "f_divergence_type": args.f_divergence_type == "reverse_kl",
-        "ld_alpha": args.ld_alpha is None,
         "use_weighting": not args.use_weighting,
     }
     refused = [name for name, ok in checks.items() if not ok]
@@ -102,6 +101,21 @@ def _completion_logps(model: Any, inputs: dict[str, Any], statistics: bool = Tru
         return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
     return {"mask": mask, "per_token": spread(scored.pop("logp")), **{k: spread(v) for k, v in scored.items()}}
+
+
+def _sequence_logps(per_token: torch.Tensor, mask: torch.Tensor, ld_alpha: float | None) -> torch.Tensor:
+    """Each row's completion log-prob from its per-token ones (rows ``[chosen..., rejected...]``): their sum, or
+    with ``ld_alpha`` (LD-DPO) the tokens past the shorter completion of the pair weighted by it (TRL 1.16's
+    formula, term for term)."""
+    if ld_alpha is None:
+        return per_token.sum(dim=1)
+    position = mask.cumsum(dim=1)
+    chosen_lens, rejected_lens = mask.sum(dim=1).long().chunk(2, dim=0)
+    shared_lens = torch.minimum(chosen_lens, rejected_lens)
+    shared_lens = torch.cat([shared_lens, shared_lens], dim=0).unsqueeze(1)
+    shared = (per_token * ((position > 0) & (position <= shared_lens))).sum(dim=1)
+    tail = (per_token * (position > shared_lens)).sum(dim=1)
+    return shared + ld_alpha * tail
 
 
 class LabelledPositionsDPOTrainer(DPOTrainer):
@@ -159,8 +173,8 @@ class LabelledPositionsDPOTrainer(DPOTrainer):
             return super().compute_ref_log_probs(model, inputs)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               self._reference_context()):
-            ref_logps = self._scored(model, inputs, statistics=False)["per_token"].sum(dim=1)
-        return ref_logps.chunk(2, dim=0)
+            per_token = self._scored(model, inputs, statistics=False)["per_token"]
+        return _sequence_logps(per_token, inputs["completion_mask"][:, 1:], self.ld_alpha).chunk(2, dim=0)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -175,7 +189,8 @@ class LabelledPositionsDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         policy = self._scored(model, inputs)
         per_token, mask = policy["per_token"], policy["mask"]
-        chosen_logps, rejected_logps = per_token.sum(dim=1).chunk(2, dim=0)  # batch is [chosen, rejected]
+        # batch is [chosen, rejected]
+        chosen_logps, rejected_logps = _sequence_logps(per_token, mask, self.ld_alpha).chunk(2, dim=0)
         if self.precompute_ref_logps:
             ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
@@ -183,8 +198,8 @@ class LabelledPositionsDPOTrainer(DPOTrainer):
             with (torch.no_grad(),
                   disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
                   self._reference_context()):
-                ref_logps = self._scored(reference, inputs, statistics=False)["per_token"].sum(dim=1)
-            ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2, dim=0)
+                ref_per_token = self._scored(reference, inputs, statistics=False)["per_token"]
+            ref_chosen_logps, ref_rejected_logps = _sequence_logps(ref_per_token, mask, self.ld_alpha).chunk(2, dim=0)
 
         chosen_logratios = chosen_logps - ref_chosen_logps
         rejected_logratios = rejected_logps - ref_rejected_logps
