@@ -13,7 +13,6 @@ from pipeline.data.formats import load_preference_examples
 from pipeline.errors import PipelineError
 from pipeline.evaluation import question_clusters, score_generations
 from pipeline.runner import run_recipe
-from pipeline.stages.evaluate import _add_pair_sources
 
 PROMPTS = [
     {"key": 1, "prompt": "Describe the sea. Answer in all lowercase letters.", "split": "seen", "source_id": "h1",
@@ -141,15 +140,14 @@ PAIRS = [  # held-out preference pairs: two whose prompt carries a constraint, o
 
 def test_pairs_of_a_file_naming_their_questions_are_resampled_by_question(tmp_path):
     named = write_jsonl(tmp_path / "named.jsonl", PAIRS)
-    pairs, _ = load_preference_examples([{"path": str(named)}])
-    _add_pair_sources(str(named), pairs)
+    pairs, _ = load_preference_examples([{"path": str(named)}], keep=("source_id",))
     assert question_clusters(pairs) == ["h1", "h2", "h2"]
-    # one row without a name: the rows are not all matched, so every pair is its own unit (as without names)
-    partly = write_jsonl(tmp_path / "partly.jsonl", [*PAIRS[:2], {k: v for k, v in PAIRS[2].items()
-                                                                    if k != "source_id"}])
-    pairs, _ = load_preference_examples([{"path": str(partly)}])
-    _add_pair_sources(str(partly), pairs)
-    assert question_clusters(pairs) == [0, 1, 2]
+    assert "source_id" not in load_preference_examples([{"path": str(named)}])[0][0]  # only when asked
+    # a row without a name is its own unit; a duplicate pair is dropped and the others keep their names
+    unnamed = {k: v for k, v in PAIRS[2].items() if k != "source_id"}
+    partly = write_jsonl(tmp_path / "partly.jsonl", [PAIRS[0], PAIRS[0], PAIRS[1], unnamed])
+    pairs, _ = load_preference_examples([{"path": str(partly)}], keep=("source_id",))
+    assert question_clusters(pairs) == ["h1", "h2", 2]
 
 
 def test_eval_stage_writes_report_metrics_and_plots(tiny_recipe, tmp_path):

@@ -171,12 +171,15 @@ class ExampleStream:
     check). ``row_filter`` sees the kept rows in batches and may refuse some for a reason of its own (counted
     as ``filtered``, apart from the malformed rows). ``log`` receives one line per source: rows read and kept,
     and the format used (saying when it was detected). Only a 16-byte hash per kept row is held, for dedup.
-    ``seed`` draws the rows of sources with a ``fraction`` (prepare passes the recipe's ``data.seed``).
+    ``seed`` draws the rows of sources with a ``fraction`` (prepare passes the recipe's ``data.seed``). ``keep``
+    names string fields copied as they are onto each kept row that has them, after deduplication (metadata such
+    as the held-out question an eval pair was built from, ``source_id``).
     """
 
     def __init__(self, sources: list[dict], *, kind: str, control_tokens: Iterable[str] = (),
                  max_drop_fraction: float | None = DEFAULT_MAX_DROP_FRACTION, row_filter: RowFilter | None = None,
-                 log: Callable[[str], None] | None = None, seed: int = DEFAULT_SEED) -> None:
+                 log: Callable[[str], None] | None = None, seed: int = DEFAULT_SEED,
+                 keep: Iterable[str] = ()) -> None:
         if not isinstance(sources, list) or not sources:
             raise PipelineError("No data sources given: add at least one {path: data/x.jsonl} to the recipe's "
                                 "data section.")
@@ -186,6 +189,7 @@ class ExampleStream:
         self.row_filter = row_filter
         self.log = log
         self.seed = seed  # for sources with `fraction`
+        self.keep = tuple(keep)
         self.report: dict[str, Any] | None = None  # set once every row has been read
         self._pattern = _control_token_pattern(frozenset(control_tokens))
         self._seen: set[bytes] = set()
@@ -226,6 +230,7 @@ class ExampleStream:
                 report.deduplicated += 1
                 continue
             self._seen.add(key)
+            row.update({field: record[field] for field in self.keep if isinstance(record.get(field), str)})
             pending.append((row, neutralised))
             if len(pending) >= (FILTER_BATCH if self.row_filter else 1):
                 yield from self._accept(pending, report)
@@ -264,15 +269,16 @@ def load_sft_examples(sources: list[dict], *, control_tokens: Iterable[str] = ()
 
 
 def load_preference_examples(sources: list[dict], *, control_tokens: Iterable[str] = (),
-                             max_drop_fraction: float | None = DEFAULT_MAX_DROP_FRACTION
+                             max_drop_fraction: float | None = DEFAULT_MAX_DROP_FRACTION, keep: Iterable[str] = ()
                              ) -> tuple[list[dict], dict]:
     """Read every source and normalise each row to TRL's conversational preference format.
 
     Rows are ``{"prompt": [optional system, user, ..., user], "chosen": [assistant msg], "rejected":
-    [assistant msg]}``. Returns ``(rows, report)`` like :func:`load_sft_examples`.
+    [assistant msg]}`` (plus the ``keep`` fields a row has, see :class:`ExampleStream`). Returns ``(rows, report)``
+    like :func:`load_sft_examples`.
     """
     stream = ExampleStream(sources, kind="preference", control_tokens=control_tokens,
-                           max_drop_fraction=max_drop_fraction)
+                           max_drop_fraction=max_drop_fraction, keep=keep)
     rows = list(stream)
     return rows, stream.report
 

@@ -25,8 +25,8 @@ from datasets import load_from_disk
 
 from pipeline import memory
 from pipeline.artifacts import atomic_write_json, atomic_write_text
-from pipeline.data.formats import load_preference_examples, read_jsonl
-from pipeline.errors import DataError, PipelineError
+from pipeline.data.formats import load_preference_examples
+from pipeline.errors import PipelineError
 from pipeline.eval_report import render_report
 from pipeline.evaluation import (
     bootstrap_metrics,
@@ -165,22 +165,6 @@ def _held_out(prepared: Path, split: str) -> list[dict]:
     return list(rows.select(range(min(MAX_HELDOUT_ROWS, len(rows)))))
 
 
-def _add_pair_sources(path: str, pairs: list[dict]) -> None:
-    """Copy each row's ``source_id`` (the held-out question a pair was built from, where the file names one) onto
-    its normalised pair, so that the bootstrap resamples questions (``question_clusters``). Only when the file is a
-    local JSONL whose every row names one and was kept: otherwise the pairs cannot be matched to rows, and each
-    pair is its own unit."""
-    if not Path(path).is_file():
-        return
-    try:
-        rows = [row for _, row in read_jsonl(path)]
-    except DataError:
-        return
-    if len(rows) == len(pairs) and all(isinstance(r, dict) and isinstance(r.get("source_id"), str) for r in rows):
-        for pair, row in zip(pairs, rows, strict=True):
-            pair["source_id"] = row["source_id"]
-
-
 def eval_inputs(recipe: Any, prepared: Path, tokenizer: Any, log: Callable[[str], None] | None = None
                 ) -> tuple[list[dict], list[list[dict]], list[dict]]:
     """What the stage evaluates: the prompts, the held-out conversations it scores and the preference pairs
@@ -195,8 +179,9 @@ def eval_inputs(recipe: Any, prepared: Path, tokenizer: Any, log: Callable[[str]
     if not conversations:
         conversations = [row["messages"] for row in _held_out(prepared, "sft_eval")]
     if cfg["preferences"]:
-        pairs, _ = load_preference_examples([{"path": cfg["preferences"]}], control_tokens=control_tokens(tokenizer))
-        _add_pair_sources(cfg["preferences"], pairs)
+        # a pair naming the held-out question it was built from is resampled with that question's other pairs
+        pairs, _ = load_preference_examples([{"path": cfg["preferences"]}], control_tokens=control_tokens(tokenizer),
+                                            keep=("source_id",))
     else:
         pairs = _held_out(prepared, "dpo_eval")
     if log is not None and cfg["max_pairs"] is not None and len(pairs) > cfg["max_pairs"]:
