@@ -20,6 +20,9 @@ Where it sits: offline, before any recipe runs. Inputs are the hand-written trai
 - ``eval_prompts_large.jsonl``, ``eval_preferences_large.jsonl``  the two above, unchanged, then more of the same:
                               every held-out prompt's missing unseen split, and twice the pairs (each row naming its
                               held-out prompt in ``source_id``), for narrower intervals (docs/evaluation.md);
+- ``preferences_complete.jsonl``  a training prompt's reference answer (chosen) against its first sentence alone
+                              (rejected), for answers that need more than a sentence; not in the quickstart
+                              (measured: docs/experiments.md);
 - ``sft_broad.jsonl``, ``preferences_broad.jsonl``  SFT rows and constraint pairs of the training-only types
                               (``pipeline.data.constraints.TRAINING_ONLY``: not IFEval's, never evaluated); not
                               in the quickstart (measured: docs/experiments.md).
