@@ -431,9 +431,16 @@ def ramble(ex: Example, rng: random.Random) -> str:
     return "\n\n".join(parts)
 
 
+def reference_pair(ex: Example, suffix: str, kind: str, rejected: str) -> dict:
+    """A preference row on ``ex``'s conversation whose chosen answer is its reference answer."""
+    return {"id": f"{ex.id}/{suffix}", "kind": kind, "prompt": list(ex.context), "chosen": assistant(ex.answer),
+            "rejected": assistant(rejected), "instruction_id_list": [], "kwargs": []}
+
+
 def cut_short(ex: Example) -> str | None:
-    """The answer's first sentence alone, when the rest carries most of the answer (see ``COMPLETE_CATEGORIES``)."""
-    if ex.category not in COMPLETE_CATEGORIES or "\n" in ex.answer.strip():  # lists, paragraphs: no single first sentence
+    """The answer's first sentence alone, when the rest carries most of the answer (see ``COMPLETE_CATEGORIES``).
+    None for answers of several lines (lists, paragraphs), whose first sentence is not a shorter answer."""
+    if ex.category not in COMPLETE_CATEGORIES or "\n" in ex.answer.strip():
         return None
     sentences = split_sentences(ex.answer)
     if len(sentences) < 3 or count_words(sentences[0]) > INCOMPLETE_MAX_SHARE * count_words(ex.answer):
@@ -442,15 +449,14 @@ def cut_short(ex: Example) -> str | None:
 
 
 def complete_pairs(pool: Sequence[Example], n: int, tag: str) -> list[dict]:
-    """Up to ``n`` pairs, in ``pool`` order, whose chosen answer is the reference and rejected its first sentence."""
-    rows = []
+    """Up to ``n`` pairs from the single-turn ``pool``, in its order, whose chosen answer is the reference and
+    rejected its first sentence."""
+    rows: list[dict] = []
     for ex in pool:
-        rejected = cut_short(ex) if ex.single_turn else None
+        rejected = cut_short(ex)
         if rejected is None:
             continue
-        rows.append({"id": f"{ex.id}/{tag}-complete{len(rows):02d}", "kind": "complete", "prompt": list(ex.context),
-                     "chosen": assistant(ex.answer), "rejected": assistant(rejected),
-                     "instruction_id_list": [], "kwargs": []})
+        rows.append(reference_pair(ex, f"{tag}-complete{len(rows):02d}", "complete", rejected))
         if len(rows) == n:
             break
     return rows
@@ -527,9 +533,7 @@ def quality_pairs(pool: Sequence[Example], quota: dict[str, int], rng: random.Ra
             rejected = makers[kind](ex)
             if rejected is None or rejected.strip() == ex.answer.strip():
                 continue
-            rows.append({"id": f"{ex.id}/{tag}-{kind}{made:02d}", "kind": kind, "prompt": list(ex.context),
-                         "chosen": assistant(ex.answer), "rejected": assistant(rejected),
-                         "instruction_id_list": [], "kwargs": []})
+            rows.append(reference_pair(ex, f"{tag}-{kind}{made:02d}", kind, rejected))
             made += 1
     return rows
 

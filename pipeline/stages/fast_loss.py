@@ -11,9 +11,9 @@ then computes the same loss and logs the same metrics as TRL's path.
 
 Only what ``tests/test_fast_dpo_loss.py`` proves equal to TRL (loss *and* gradients, each loss type alone and
 combined, with and without pre-computed reference log-probs, LD-DPO's ``ld_alpha``) takes this path; any other
-option falls back to TRL's own ``compute_loss`` (``LabelledPositionsDPOTrainer.loss_path`` says which one ran, and a fallback is
-printed once with its reason). The equality was checked against TRL ``CHECKED_TRL``; another TRL version
-falls back too.
+option falls back to TRL's own ``compute_loss`` (``LabelledPositionsDPOTrainer.loss_path`` says which one ran,
+and a fallback is printed once with its reason). The equality was checked against TRL ``CHECKED_TRL``; another
+TRL version falls back too.
 """
 
 from __future__ import annotations
